@@ -1,0 +1,1 @@
+"""Tile I/O, chip sampling and sliding-window mapping for large GeoTIFFs."""

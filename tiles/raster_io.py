@@ -1,0 +1,95 @@
+"""Windowed GeoTIFF reading and atomic writing, with one-line errors that name the file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from tiles.errors import InputError
+
+
+def open_raster(path: str, what: str = "raster") -> rasterio.DatasetReader:
+    """Open a raster for reading.
+
+    Raises:
+        InputError: ``"<path>: <what> not found"`` or ``"<path>: cannot open <what> (...)"``.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {what} not found")
+    try:
+        with warnings.catch_warnings():
+            # Plain (non-georeferenced) patches are legitimate inputs, e.g. the bundled sample.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except (RasterioIOError, OSError) as exc:
+        raise InputError(f"{path}: cannot open {what} ({str(exc).splitlines()[0]})") from None
+
+
+def read_window(src: rasterio.DatasetReader, window: Window | None = None, bands: Sequence[int] | None = None,
+                boundless: bool = False, fill_value: float = 0) -> np.ndarray:
+    """Read ``window`` (all bands unless ``bands``) as ``(C, h, w)`` in the file's dtype.
+
+    Raises:
+        InputError: naming the file when the data cannot be decoded (corrupt GeoTIFF).
+    """
+    try:
+        return src.read(indexes=list(bands) if bands else None, window=window, boundless=boundless,
+                        fill_value=fill_value)
+    except (RasterioIOError, OSError, ValueError) as exc:
+        raise InputError(f"{src.name}: cannot read pixels ({str(exc).splitlines()[0]})") from None
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-band ``(x - mean) / std`` computed in float64 and cast to float32 (spec section 2).
+
+    Args:
+        image: ``(C, H, W)`` or ``(B, C, H, W)`` array of raw pixel values.
+    """
+    mean_arr = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
+    return ((image.astype(np.float64) - mean_arr) / std_arr).astype(np.float32)
+
+
+def check_bands(src: rasterio.DatasetReader, expected: int, what: str = "image") -> None:
+    """Raise InputError unless ``src`` has exactly ``expected`` bands."""
+    if src.count != expected:
+        raise InputError(f"{src.name}: {what} has {src.count} bands, the dataset definition expects {expected}")
+
+
+def check_same_grid(a: rasterio.DatasetReader, b: rasterio.DatasetReader, check_georef: bool = True) -> None:
+    """Raise InputError unless ``a`` and ``b`` have the same size (and CRS and transform)."""
+    if (a.height, a.width) != (b.height, b.width):
+        raise InputError(
+            f"{b.name}: size {b.width}x{b.height} differs from {a.name} ({a.width}x{a.height})"
+        )
+    if check_georef:
+        if a.crs != b.crs:
+            raise InputError(f"{b.name}: CRS {b.crs} differs from {a.name} ({a.crs})")
+        if not a.transform.almost_equals(b.transform):
+            raise InputError(f"{b.name}: transform {tuple(b.transform)[:6]} differs from {a.name}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    An interrupted or failed write leaves no file at ``path`` (and removes the temporary one).
+    """
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
