@@ -243,8 +243,51 @@ def available_datasets() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(DEFINITIONS_DIR) if f.endswith(".json"))
 
 
+def _definition_path(ref: str, relative_to: str | None = None) -> str:
+    """Path of a definition given by shipped name or by file path (relative to ``relative_to``)."""
+    if not ref.endswith(".json") and os.sep not in ref:
+        candidate = os.path.join(DEFINITIONS_DIR, ref + ".json")
+        if not os.path.exists(candidate):
+            raise InputError(
+                f"unknown dataset {ref!r}: choose one of {available_datasets()} or give a JSON file path"
+            )
+        return candidate
+    if relative_to and not os.path.isabs(ref):
+        return os.path.join(relative_to, ref)
+    return ref
+
+
+def _read_definition(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a definition file; resolve its optional ``"extends"`` (a name or a path relative to it).
+
+    The fields of the file replace those of the definition it extends, key by key at the top
+    level (a given ``lr_label`` replaces the whole base table).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"{path}: dataset definition file not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read dataset definition ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a dataset definition must be a JSON object")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = _definition_path(str(base), os.path.dirname(os.path.abspath(path)))
+    if os.path.abspath(base_path) in seen + (os.path.abspath(path),):
+        raise InputError(f"{path}: 'extends' loops back to {base_path}")
+    merged = _read_definition(base_path, seen + (os.path.abspath(path),))
+    merged.update(data)
+    return merged
+
+
 def load_dataset(name_or_path: str | Mapping[str, Any]) -> DatasetDefinition:
     """Load a definition by shipped name, from a JSON file path, or from a dict (a checkpoint's).
+
+    A file may start from another definition with ``"extends": "<name or path>"`` and give only
+    the fields that differ (see docs/prepare_data.md).
 
     Raises:
         InputError: unknown name, unreadable file or invalid content.
@@ -253,19 +296,5 @@ def load_dataset(name_or_path: str | Mapping[str, Any]) -> DatasetDefinition:
         return DatasetDefinition.from_dict(name_or_path)
     if isinstance(name_or_path, DatasetDefinition):
         return name_or_path
-    path = str(name_or_path)
-    if not path.endswith(".json") and os.sep not in path:
-        candidate = os.path.join(DEFINITIONS_DIR, path + ".json")
-        if not os.path.exists(candidate):
-            raise InputError(
-                f"unknown dataset {path!r}: choose one of {available_datasets()} or give a JSON file path"
-            )
-        path = candidate
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise InputError(f"{path}: dataset definition file not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read dataset definition ({exc})") from None
-    return DatasetDefinition.from_dict(data, where=path)
+    path = _definition_path(str(name_or_path))
+    return DatasetDefinition.from_dict(_read_definition(path), where=path)

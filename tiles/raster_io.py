@@ -37,12 +37,16 @@ def read_window(src: rasterio.DatasetReader, window: Window | None = None, bands
                 boundless: bool = False, fill_value: float = 0) -> np.ndarray:
     """Read ``window`` (all bands unless ``bands``) as ``(C, h, w)`` in the file's dtype.
 
+    ``fill_value`` applies to boundless reads only: given to rasterio on an ordinary read, it also
+    fills masked pixels, and a NAIP file whose NIR band is tagged as alpha would get every pixel
+    with NIR 0 zeroed in all bands.
+
     Raises:
         InputError: naming the file when the data cannot be decoded (corrupt GeoTIFF).
     """
+    extra = {"boundless": True, "fill_value": fill_value} if boundless else {}
     try:
-        return src.read(indexes=list(bands) if bands else None, window=window, boundless=boundless,
-                        fill_value=fill_value)
+        return src.read(indexes=list(bands) if bands else None, window=window, **extra)
     except (RasterioIOError, OSError, ValueError) as exc:
         raise InputError(f"{src.name}: cannot read pixels ({str(exc).splitlines()[0]})") from None
 
@@ -89,6 +93,10 @@ def atomic_output(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
