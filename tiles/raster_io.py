@@ -59,7 +59,10 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     """
     mean_arr = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
     std_arr = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
-    return ((image.astype(np.float64) - mean_arr) / std_arr).astype(np.float32)
+    out = image.astype(np.float64)  # in place from here: one float64 temporary, not three
+    out -= mean_arr
+    out /= std_arr
+    return out.astype(np.float32)
 
 
 def check_bands(src: rasterio.DatasetReader, expected: int, what: str = "image") -> None:
