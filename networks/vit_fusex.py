@@ -177,12 +177,12 @@ class LevelDWConv(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """Linear -> per-level depthwise 3x3 -> GELU -> Linear."""
+    """Linear -> per-level depthwise 3x3 (``dwconv_type``) -> GELU -> Linear."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, dwconv_type: type[nn.Module] = LevelDWConv) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = LevelDWConv(hidden)
+        self.dwconv = dwconv_type(hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
@@ -218,22 +218,18 @@ class MultiRFDWConv(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
-class MRFP(nn.Module):
-    """Multi-receptive-field FFN. Replaces C (no residual); the second GELU matches the checkpoint."""
+class MRFP(ConvFFN):
+    """Multi-receptive-field FFN: a Conv-FFN whose depthwise stage is :class:`MultiRFDWConv`.
+    Replaces C (no residual); the GELU after the one inside MultiRFDWConv matches the checkpoint."""
 
     def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = MultiRFDWConv(hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, tokens: Tensor, h: int, w: int) -> Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(tokens), h, w)))
+        super().__init__(dim, hidden, MultiRFDWConv)
 
 
-class MultiScaleExtractor(nn.Module):
-    """``Y = Q0 + MSDA(LN_q(Q0), LN_f(F0)); Y += ConvFFN(LN_ffn(Y))`` (published ``cfinter``)."""
+class DeformableAttentionFFN(nn.Module):
+    """The parts shared by the injector and the extractor: query/feature LayerNorms, a 3-level
+    MSDA and a Conv-FFN with its LayerNorm (published names ``query_norm``, ``feat_norm``,
+    ``attn``, ``ffn``, ``ffn_norm``)."""
 
     def __init__(self, dim: int, num_heads: int, n_points: int, deform_ratio: float, ffn_hidden: int) -> None:
         super().__init__()
@@ -243,23 +239,22 @@ class MultiScaleExtractor(nn.Module):
         self.ffn = ConvFFN(dim, ffn_hidden)
         self.ffn_norm = layer_norm(dim)
 
+
+class MultiScaleExtractor(DeformableAttentionFFN):
+    """``Y = Q0 + MSDA(LN_q(Q0), LN_f(F0)); Y += ConvFFN(LN_ffn(Y))`` (published ``cfinter``)."""
+
     def forward(self, query: Tensor, feat: Tensor, ref: Tensor, h: int, w: int) -> Tensor:
         out = query + self.attn(self.query_norm(query), ref, self.feat_norm(feat), level_shapes(h, w))
         return out + self.ffn(self.ffn_norm(out), h, w)
 
 
-class CNNToViTInjector(nn.Module):
+class CNNToViTInjector(DeformableAttentionFFN):
     """CTI_toV: deformable self-attention over C, resampled to stride 16, added to X through gamma."""
 
     def __init__(self, dim: int, num_heads: int, n_points: int, deform_ratio: float, ffn_hidden: int,
                  init_value: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(dim, num_heads, n_points, deform_ratio, ffn_hidden)
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-        self.query_norm = layer_norm(dim)
-        self.feat_norm = layer_norm(dim)
-        self.attn = MSDeformAttn(dim, n_levels=3, n_heads=num_heads, n_points=n_points, ratio=deform_ratio)
-        self.ffn = ConvFFN(dim, ffn_hidden)
-        self.ffn_norm = layer_norm(dim)
 
     def forward(self, x: Tensor, c: Tensor, ref: Tensor, h: int, w: int) -> Tensor:
         shapes = level_shapes(h, w)
