@@ -12,7 +12,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 SAMPLE_DIR = os.path.join(REPO_ROOT, "dataset", "sample")
 SAMPLE_LIST = os.path.join(SAMPLE_DIR, "train.csv")
 GEOREF_DIR = os.path.join(REPO_ROOT, "tests", "data", "georef")

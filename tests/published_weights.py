@@ -9,8 +9,8 @@ import zlib
 
 import torch
 
-REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             "shared", "reference")
+# A copy of shared/reference/ ships with the tests, so the parity check runs from any clone.
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference")
 SHAPES_JSON = os.path.join(REFERENCE_DIR, "vcnet_state_dict_shapes.json")
 FIXTURE_NPZ = os.path.join(REFERENCE_DIR, "vcnet_parity_fixture.npz")
 
