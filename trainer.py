@@ -423,7 +423,8 @@ class Trainer:
             steps, window_steps = steps + 1, window_steps + 1
             chips, window_chips = chips + len(batch["chips"]), window_chips + len(batch["chips"])
             bar.update(1)
-            if window_steps == opts.log_interval:
+            # Every log_interval steps, and after the first so that slow runs show a loss at once.
+            if window_steps == opts.log_interval or steps == 1:
                 self._log_window(window / window_steps, lr, window_chips / (time.perf_counter() - window_start), bar)
                 window.zero_()
                 window_steps, window_chips, window_start = 0, 0, time.perf_counter()
