@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tiles.errors import InputError, run_cli
 
@@ -44,8 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from dataset import load_dataset, read_list
-    from tiles.evaluation import append_summary, evaluate_pairs, find_prediction_dataset, format_report, \
-        pair_predictions, write_json
+    from tiles.evaluation import (
+        append_summary,
+        evaluate_pairs,
+        find_prediction_dataset,
+        format_report,
+        pair_predictions,
+        write_json,
+    )
     from tiles.mapping import list_root_for
     from tiles.preview import write_confusion_png
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tiles.errors import InputError, run_cli
 
@@ -66,8 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dataset import read_list
     from networks import load_model
-    from tiles.mapping import MappingPlan, check_tiles, distributed_rank, list_root_for, map_list, \
-        resolve_device, select_dataset
+    from tiles.mapping import (
+        MappingPlan,
+        check_tiles,
+        distributed_rank,
+        list_root_for,
+        map_list,
+        resolve_device,
+        select_dataset,
+    )
 
     device = resolve_device(args.device, args.gpu)
     model = load_model(args.checkpoint, device=device)

@@ -22,8 +22,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class LabelTable:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str) -> "LabelTable":
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> LabelTable:
         try:
             lookup = {int(k): int(v) for k, v in dict(data["lookup"]).items()}
             nodata = tuple(int(c) for c in data.get("nodata", [0]))
@@ -181,7 +182,7 @@ class DatasetDefinition:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "dataset definition") -> "DatasetDefinition":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "dataset definition") -> DatasetDefinition:
         """Build and validate a definition from plain data.
 
         Raises:

@@ -16,7 +16,8 @@ checkpoint cannot run code)::
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ that a newer version of the code added with their defaults.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 

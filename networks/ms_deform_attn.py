@@ -9,7 +9,7 @@ bfloat16, with gradients.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

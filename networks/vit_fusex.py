@@ -12,7 +12,7 @@ flattened row-major, so ``h`` and ``w`` must be even (input sides multiples of 3
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

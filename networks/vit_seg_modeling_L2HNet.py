@@ -7,7 +7,7 @@ published default) and 128 ("normal", which crashes in the published code).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

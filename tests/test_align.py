@@ -14,8 +14,8 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.warp import Resampling, calculate_default_transform, reproject, transform, transform_bounds
 
-from tests.conftest import GEOREF_DIR, write_geotiff
 from dataset import load_dataset
+from tests.conftest import GEOREF_DIR, write_geotiff
 from tiles.align import LRProduct, align_tile, align_tiles, expand_lr_paths
 from tiles.errors import InputError, run_cli
 from tools.prepare_data import main

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SAMPLE_LIST, write_geotiff
 from dataset import TileEntry, load_dataset, read_list
+from tests.conftest import SAMPLE_LIST, write_geotiff
 from tiles.chips import ChipStream, chip_is_valid, normalization_constants, normalize_on_device
 from tiles.raster_io import normalize
 

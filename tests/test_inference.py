@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from tests.conftest import GEOREF_DIR, write_geotiff
 
 from dataset import load_dataset
+from tests.conftest import GEOREF_DIR, write_geotiff
 from tiles.errors import InputError
 from tiles.inference import (
     center_kernel,

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import rasterio
-from tests.conftest import GEOREF_DIR, write_geotiff
 from rasterio.transform import from_origin
 
 from dataset import load_dataset
+from tests.conftest import GEOREF_DIR, write_geotiff
 from tiles.errors import InputError
 from tiles.evaluation import append_summary, evaluate_pairs, format_report, pair_predictions
 from tiles.metrics import compute_metrics, confusion_for_pair, confusion_from_arrays, legacy_metrics, square_matrix

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_dataset
-from networks import (build_model, config_from_dict, config_to_dict, get_config, get_tiny_config, load_model,
-                      read_checkpoint, save_checkpoint)
+from networks import (
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    get_config,
+    get_tiny_config,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from networks.encoder_decoder import resize_position_table
 from tiles.errors import InputError
 

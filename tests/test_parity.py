@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from networks import build_model, get_config, load_deit_weights, load_model
-from networks.convert_published import convert_state_dict, main as convert_main
+from networks.convert_published import convert_state_dict
+from networks.convert_published import main as convert_main
 from tests.published_weights import FIXTURE_NPZ, published_state_dict
 from tiles.errors import InputError
 

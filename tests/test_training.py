@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import train
-from tests.conftest import SAMPLE_LIST, write_geotiff
 from dataset import read_list
 from networks import load_model, read_checkpoint
+from tests.conftest import SAMPLE_LIST, write_geotiff
 from tiles.errors import run_cli
 from tiles.sampling import poly_lr
 from trainer import Trainer, TrainOptions

@@ -25,8 +25,8 @@ import glob
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -115,7 +115,7 @@ def grid_windows(width: int, height: int, size: int = WINDOW) -> Iterator[Window
             yield Window(col, row, min(size, width - col), min(size, height - row))
 
 
-def _source_window(src: "_Header", crs, bounds: tuple[float, float, float, float]) -> Window | None:
+def _source_window(src: _Header, crs, bounds: tuple[float, float, float, float]) -> Window | None:
     """The part of ``src`` (plus :data:`MARGIN`) under ``bounds`` given in ``crs``; None if none."""
     try:
         left, bottom, right, top = transform_bounds(crs, src.crs, *bounds, densify_pts=21)
@@ -211,7 +211,7 @@ class LRProduct:
             src.close()
         self._open.clear()
 
-    def __enter__(self) -> "LRProduct":
+    def __enter__(self) -> LRProduct:
         return self
 
     def __exit__(self, *exc) -> None:

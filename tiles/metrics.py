@@ -18,7 +18,8 @@ Undefined values (a class absent from both reference and prediction, or an empty
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

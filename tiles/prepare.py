@@ -16,8 +16,8 @@ import json
 import math
 import os
 import string
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from rasterio.errors import CRSError

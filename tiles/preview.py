@@ -6,7 +6,7 @@ large tile needs little memory. Pillow (installed with torchvision) draws and wr
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

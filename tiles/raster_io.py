@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import rasterio

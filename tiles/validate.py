@@ -9,7 +9,7 @@ It never raises for bad data; the caller decides what to do with the messages.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import rasterio

@@ -19,7 +19,7 @@ import argparse
 import glob
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
