@@ -527,8 +527,12 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "train_args": dataclasses.asdict(self.opts),
             "tiles": [os.path.basename(e.image) for e in self.entries],
+            # Every stream is reseeded from (seed, epoch, ...) at each epoch start, which is what makes
+            # resume exact; the generator states at the end of the epoch are kept for inspection.
             "rng": {"seed": self.opts.seed, "torch": "reseeded per (seed, epoch, rank) at each epoch start",
-                    "sampling": "numpy generators of (seed, epoch, tile)"},
+                    "sampling": "numpy generators of (seed, epoch, tile)",
+                    "torch_cpu_state": torch.get_rng_state(),
+                    "torch_cuda_states": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "metrics": {k: v for k, v in stats.items() if isinstance(v, (int, float)) or v is None},
         }
 
