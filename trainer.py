@@ -38,6 +38,7 @@ from networks import load_deit_weights, read_checkpoint, save_checkpoint
 from networks.config import CONFIG_NAMES, config_to_dict, get_config
 from tiles.chips import ChipStream, normalization_constants, normalize_on_device
 from tiles.errors import InputError
+from tiles.evaluation import format_metric
 from tiles.inference import map_tile, output_name
 from tiles.mapping import distributed_rank, list_root_for, resolve_device
 from tiles.metrics import compute_metrics, confusion_for_pair
@@ -509,8 +510,8 @@ class Trainer:
             cm = total.cpu().numpy()
         metrics = compute_metrics(cm, names)
         result = {"val_overall_accuracy": metrics["overall_accuracy"], "val_mean_iou": metrics["mean_iou"]}
-        self.log.info(f"validation after epoch {epoch + 1}: OA {_fmt(result['val_overall_accuracy'])}, "
-                      f"mIoU {_fmt(result['val_mean_iou'])} ({len(self.val_entries)} tiles, HR reference)")
+        self.log.info(f"validation after epoch {epoch + 1}: OA {format_metric(result['val_overall_accuracy'])}, "
+                      f"mIoU {format_metric(result['val_mean_iou'])} ({len(self.val_entries)} tiles, HR reference)")
         if self.writer is not None:
             for key, value in result.items():
                 if value is not None:
@@ -564,8 +565,3 @@ class Trainer:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-

@@ -32,7 +32,7 @@ from rasterio.windows import Window
 
 from dataset import DatasetDefinition, TileEntry
 from tiles.errors import InputError
-from tiles.raster_io import open_raster, read_window
+from tiles.raster_io import check_same_grid, open_raster, read_window
 from tiles.sampling import chip_positions, epoch_order, shard, tile_rng
 
 TORCH_PIXEL_TYPES = ("uint8", "int8", "int16", "int32", "int64", "float32", "float64")
@@ -135,9 +135,7 @@ class ChipStream(torch.utils.data.IterableDataset):
         size = self.chip_size
         rng = tile_rng(self.seed, self.epoch, index)
         with open_raster(entry.image, "image") as image_src, open_raster(entry.label, "label") as label_src:
-            if (image_src.height, image_src.width) != (label_src.height, label_src.width):
-                raise InputError(f"{entry.label}: size {label_src.width}x{label_src.height} differs from "
-                                 f"{entry.image} ({image_src.width}x{image_src.height})")
+            check_same_grid(image_src, label_src, check_georef=False)
             height, width = image_src.height, image_src.width
             if height < size or width < size:
                 return [], 0, f"{entry.image}: tile {width}x{height} is smaller than a {size} chip; skipped"

@@ -93,7 +93,7 @@ def evaluate_pairs(pairs: Iterable[tuple[str, str]], dataset,
     return result
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def format_metric(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -107,18 +107,19 @@ def format_report(result: dict[str, Any]) -> str:
         f"{'class':<24}{'IoU':>8}{'precision':>11}{'recall':>8}{'share':>8}",
     ]
     for name, c in result["per_class"].items():
-        lines.append(f"{name[:23]:<24}{_fmt(c['iou']):>8}{_fmt(c['precision']):>11}{_fmt(c['recall']):>8}"
-                     f"{_fmt(c['pixel_share']):>8}")
+        iou, precision, recall, share = (format_metric(c[k]) for k in ("iou", "precision", "recall", "pixel_share"))
+        lines.append(f"{name[:23]:<24}{iou:>8}{precision:>11}{recall:>8}{share:>8}")
     legacy = result["legacy"]
     lines += [
         "",
-        f"mIoU {_fmt(result['mean_iou'])}   FWIoU {_fmt(result['fw_iou'])}   "
-        f"OA {_fmt(result['overall_accuracy'])}   kappa {_fmt(result['kappa'])}",
+        f"mIoU {format_metric(result['mean_iou'])}   FWIoU {format_metric(result['fw_iou'])}   "
+        f"OA {format_metric(result['overall_accuracy'])}   kappa {format_metric(result['kappa'])}",
         "(IoU n/a: class absent from both reference and prediction, left out of mIoU)",
         "",
         "legacy figures of the published evaluation (spec 8.2; compare with the paper only):",
-        f"  'OA' (mean recall) {_fmt(legacy['oa_mean_recall'])}   'mIoU' (sum of IoU / 4) "
-        f"{_fmt(legacy['miou_sum_over_4'])}   FWIoU {_fmt(legacy['fw_iou'])}   kappa {_fmt(legacy['kappa'])}",
+        f"  'OA' (mean recall) {format_metric(legacy['oa_mean_recall'])}   'mIoU' (sum of IoU / 4) "
+        f"{format_metric(legacy['miou_sum_over_4'])}   FWIoU {format_metric(legacy['fw_iou'])}   "
+        f"kappa {format_metric(legacy['kappa'])}",
     ]
     return "\n".join(lines)
 
