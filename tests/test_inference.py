@@ -62,15 +62,40 @@ class FailAfter(TwoConv):
         return super().forward(x)
 
 
+def oracle_offsets(size: int, chip: int, stride: int) -> list[int]:
+    """Grid offsets written out from spec 7 (not taken from the module under test): every
+    ``stride`` from 0 while below ``size - chip``, then ``size - chip``; 0 alone if the side fits."""
+    if size <= chip:
+        return [0]
+    offsets = []
+    position = 0
+    while position < size - chip:
+        offsets.append(position)
+        position += stride
+    offsets.append(size - chip)
+    return offsets
+
+
+def oracle_kernel(chip: int, stride: int) -> np.ndarray:
+    """Blending weights written out from spec 7: 5 in the central ``[m, chip - m)`` square with
+    ``m = (chip - stride) // 2``, 1 elsewhere."""
+    m = (chip - stride) // 2
+    kernel = np.empty((chip, chip), dtype=np.float32)
+    for i in range(chip):
+        for j in range(chip):
+            kernel[i, j] = 5.0 if (m <= i < chip - m and m <= j < chip - m) else 1.0
+    return kernel
+
+
 def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int) -> np.ndarray:
     """The published procedure with a whole-tile accumulator, one chip at a time (spec 7)."""
     _, h, w = image.shape
     hp, wp = max(h, chip), max(w, chip)
     image = np.pad(image, ((0, 0), (0, hp - h), (0, wp - w)), mode="reflect")
-    kernel = center_kernel(chip, stride)
+    kernel = oracle_kernel(chip, stride)
     acc, cnt = None, np.zeros((hp, wp), dtype=np.float32)
-    for r in chip_offsets(h, chip, stride):
-        for c in chip_offsets(w, chip, stride):
+    for r in oracle_offsets(h, chip, stride):
+        for c in oracle_offsets(w, chip, stride):
             with torch.no_grad():
                 vit, cnn = model(torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip])))
             p = torch.softmax((vit + cnn) / 2, dim=1)[0].numpy()
@@ -127,6 +152,14 @@ def test_chip_offsets_as_published():
         chip_offsets(100, 32, 33)
     with pytest.raises(ValueError):
         chip_offsets(100, 0, 1)
+
+
+def test_oracle_grid_and_kernel_match_the_published_examples():
+    """The test's own grid and kernel agree with the published 224/112 numbers."""
+    assert oracle_offsets(500, 224, 112) == [0, 112, 224, 276]
+    assert oracle_offsets(448, 224, 112) == [0, 112, 224] and oracle_offsets(100, 224, 112) == [0]
+    k = oracle_kernel(224, 112)
+    assert k[56, 56] == k[167, 167] == 5 and k[55, 100] == k[100, 168] == 1 and k.sum() == 224 * 224 + 4 * 112 * 112
 
 
 def test_center_kernel_published_weights():

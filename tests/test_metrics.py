@@ -134,6 +134,26 @@ def chesapeake():
     return load_dataset("Chesapeake")
 
 
+# NLCD 2011 code -> class (1 water, 2 tree canopy, 3 low vegetation, 4 impervious), written out by hand.
+NLCD_TO_CLASS = {
+    11: 1,
+    12: 3, 21: 3, 31: 3, 71: 3, 72: 3, 73: 3, 74: 3, 81: 3, 82: 3, 95: 3,
+    22: 4, 23: 4, 24: 4,
+    41: 2, 42: 2, 43: 2, 51: 2, 52: 2, 90: 2,
+}
+CCLC_TO_CLASS = {1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4, 15: 0}  # spec 8.1
+
+
+@pytest.mark.parametrize("name", ["Chesapeake", "sample"])
+def test_chesapeake_label_tables_exactly(name):
+    dataset = load_dataset(name)
+    assert dict(dataset.lr_label.lookup) == NLCD_TO_CLASS
+    assert tuple(dataset.lr_label.nodata) == (0,)
+    assert dict(dataset.hr_label.lookup) == CCLC_TO_CLASS
+    assert tuple(dataset.hr_label.nodata) == (0, 15)
+    assert dataset.class_names == ("no data", "water", "tree canopy", "low vegetation", "impervious")
+
+
 def _pair(tmp_path, ref, pred, name="t", ref_kw=None, pred_kw=None):
     ref_path = write_geotiff(str(tmp_path / f"{name}_lc.tif"), ref.astype(np.uint8), **(ref_kw or {}))
     pred_path = write_geotiff(str(tmp_path / f"{name}_pred.tif"), pred.astype(np.uint8), **(pred_kw or {}))
@@ -169,8 +189,21 @@ def test_real_reference_against_nlcd_baseline(tmp_path, chesapeake):
     np.add.at(expected, (ref[ref > 0] - 1, pred[ref > 0]), 1)
     np.testing.assert_array_equal(cm, expected)
     assert cm.sum() == lc.size  # this tile has no reference no-data
+    # Computed once from the real tile pair with the tables above; NLCD codes in this tile:
+    # 11, 21, 22, 23, 24, 31, 41, 42, 43, 52, 71, 81, 82. Rows: CCLC water, tree, low vegetation,
+    # impervious; columns: predicted no data, water, tree, low vegetation, impervious.
+    pinned = [[0, 574, 148, 60, 28],
+              [0, 602, 47559, 4239, 1077],
+              [0, 111, 3461, 5230, 1298],
+              [0, 11, 317, 817, 2068]]
+    assert cm.tolist() == pinned
     m = compute_metrics(cm, chesapeake.eval_names)
-    assert 0.5 < m["overall_accuracy"] < 1.0
+    assert m["overall_accuracy"] == pytest.approx(55431 / 67600, rel=1e-12)  # 0.81999
+    iou = [574 / (810 + 1298 - 574), 47559 / (53477 + 51485 - 47559), 5230 / (10100 + 10346 - 5230),
+           2068 / (3213 + 4471 - 2068)]
+    assert [c["iou"] for c in m["per_class"].values()] == pytest.approx(iou, rel=1e-12)
+    assert m["mean_iou"] == pytest.approx(0.47866164999970584, rel=1e-12)
+    assert m["mean_iou"] == pytest.approx(sum(iou) / 4, rel=1e-12)
 
 
 def test_prediction_to_eval_for_sixteen_class_models(tmp_path):

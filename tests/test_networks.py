@@ -4,6 +4,7 @@ checkpoints."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dataset import load_dataset
 from networks import (
@@ -173,3 +174,30 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     torch.save({"format": "vcnet-checkpoint", "obj": NotPlainData()}, pickled)
     with pytest.raises(InputError, match="cannot read checkpoint"):
         read_checkpoint(str(pickled))
+
+
+@pytest.mark.parametrize("name", ["tiny", "vcnet"])
+def test_normalisation_layers_use_the_published_eps(name):
+    """Spec section 1: LN eps 1e-6, GN(32) eps 1e-6, BN eps 1e-5 with momentum 0.1 and affine
+    parameters; weight standardisation eps 1e-5 (spec appendix on parity)."""
+    from networks.vit_seg_modeling_L2HNet import StdConv2d
+
+    config = get_tiny_config() if name == "tiny" else get_config(name)
+    config.aux_head.enabled = True
+    model = build_model(config)
+    expected = {nn.LayerNorm: 1e-6, nn.GroupNorm: 1e-6, nn.BatchNorm2d: 1e-5, StdConv2d: 1e-5}
+    found = {kind: 0 for kind in expected}
+    wrong = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm | StdConv2d):
+            kind = type(module)
+            assert kind in expected, f"{module_name}: unexpected normalisation {kind.__name__}"
+            found[kind] += 1
+            if module.eps != expected[kind]:
+                wrong.append(f"{module_name} ({kind.__name__}) eps {module.eps}")
+            if kind is nn.BatchNorm2d and (module.momentum != 0.1 or not module.affine):
+                wrong.append(f"{module_name} momentum {module.momentum}, affine {module.affine}")
+            if kind is nn.GroupNorm and name == "vcnet" and module.num_groups != 32:
+                wrong.append(f"{module_name} {module.num_groups} groups")
+    assert not wrong, wrong
+    assert all(found.values()), found  # every kind is really there

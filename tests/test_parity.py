@@ -16,6 +16,10 @@ from tiles.errors import InputError
 
 pytestmark = pytest.mark.slow
 
+# Largest absolute logit difference to the fixture: a few times the float32 error measured here.
+VIT_TOLERANCE = 2e-5
+CNN_TOLERANCE = 5e-6
+
 
 @pytest.fixture(scope="module")
 def published():
@@ -54,7 +58,9 @@ def test_parity_with_the_published_model(model):
         vit, cnn = model(torch.from_numpy(fixture["input"]))
     vit_diff = (vit - torch.from_numpy(fixture["vit_logits"])).abs().max().item()
     cnn_diff = (cnn - torch.from_numpy(fixture["cnn_logits"])).abs().max().item()
-    assert vit_diff <= 1e-3 and cnn_diff <= 1e-3, (vit_diff, cnn_diff)
+    # Measured on CPU (1 and 2 threads): vit 3.5e-6 to 3.6e-6, cnn 0.95e-6 to 1.0e-6. A LayerNorm
+    # eps of 1e-5 instead of 1e-6 alone moves the vit logits by about 4.7e-4.
+    assert vit_diff <= VIT_TOLERANCE and cnn_diff <= CNN_TOLERANCE, (vit_diff, cnn_diff)
 
 
 def test_parameter_counts(model, published):

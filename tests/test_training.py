@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 
 import train
@@ -16,7 +17,7 @@ from networks import load_model, read_checkpoint
 from tests.conftest import SAMPLE_LIST, write_geotiff
 from tiles.errors import run_cli
 from tiles.sampling import poly_lr
-from trainer import Trainer, TrainOptions
+from trainer import Trainer, TrainOptions, epoch_seed
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +178,134 @@ def test_pretrained_blocks_are_loaded(tmp_path, four_tiles):
     state = trainer.model.state_dict()
     for key, value in blocks.items():
         assert torch.equal(state["backbone." + key], value)
+
+
+# ---------------------------------------------------------------------------- pinned behaviour
+
+
+def test_optimizer_steps_at_the_poly_lr(tmp_path, four_tiles):
+    """The lr the optimiser holds when it steps (not only the one train_step reports) follows the
+    poly schedule of the scaled base lr, and the checkpoint keeps the lr of the last step."""
+    trainer = Trainer(options(tmp_path, four_tiles, max_epochs=2, batch_size=6, chips_per_tile=3))
+    optimizer = trainer.optimizer
+    step, seen = optimizer.step, []
+
+    def spying_step(*args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    optimizer.step = spying_step
+    trainer.fit()
+    base, total = 0.01 * 6 / 24, 4  # batch 6: published scaling; 12 chips = 2 batches per epoch
+    assert trainer.total_steps == total and len(optimizer.param_groups) == 1
+    assert seen == [[pytest.approx(poly_lr(base, t, total), rel=1e-12)] for t in range(total)]
+    assert seen[0][0] != 0.01 and seen[-1][0] < seen[0][0]  # neither the SGD default nor constant
+    payload = read_checkpoint(str(tmp_path / "run" / "last.pth"))
+    assert payload["optimizer"]["param_groups"][0]["lr"] == pytest.approx(poly_lr(base, total - 1, total), rel=1e-12)
+
+
+class LossCapture(Trainer):
+    """Trainer that keeps, for every step, the model's own outputs, the labels and the loss terms."""
+
+    def train_step(self, batch):
+        self.captured = getattr(self, "captured", [])
+        outputs = []
+        hook = self.model.register_forward_hook(
+            lambda module, args, out: outputs.append(tuple(o.detach().clone() for o in out)))
+        try:
+            terms, lr = super().train_step(batch)
+        finally:
+            hook.remove()
+        self.captured.append((outputs, batch["label"].long().clone(), terms))
+        return terms, lr
+
+
+def test_loss_terms_use_the_model_output_order(tmp_path, four_tiles):
+    """The model returns (vit, cnn): the CNN term is the CE of the CNN logits on every labelled
+    pixel, the ViT term the CE of the ViT logits where argmax(cnn) equals the label."""
+    trainer = LossCapture(options(tmp_path, four_tiles, max_epochs=1))
+    trainer.fit()
+    partial_agreement = False
+    for outputs, label, terms in trainer.captured:
+        assert len(outputs) == 1  # one forward pass per step
+        vit, cnn = outputs[0]
+        labelled = label != 0
+        agree = labelled & (cnn.argmax(dim=1) == label)
+        cnn_ce = torch.nn.functional.cross_entropy(cnn, label, reduction="none")
+        vit_ce = torch.nn.functional.cross_entropy(vit, label, reduction="none")
+        expected_cnn = cnn_ce[labelled].mean().item()
+        expected_vit = vit_ce[agree].mean().item() if agree.any() else 0.0
+        assert terms.cnn.item() == pytest.approx(expected_cnn, rel=1e-5)
+        assert terms.vit.item() == pytest.approx(expected_vit, rel=1e-5, abs=1e-7)
+        assert terms.total.item() == pytest.approx(0.5 * expected_cnn + 0.5 * expected_vit, rel=1e-5)
+        partial_agreement |= 0 < int(agree.sum()) < int(labelled.sum())
+    assert partial_agreement  # the agreement mask really selects a part of the labelled pixels
+
+
+def test_validation_maps_with_half_chip_stride(tmp_path, four_tiles, monkeypatch):
+    """The val map equals an independent mapping of the same weights at stride chip/2."""
+    import trainer as trainer_module
+    from tiles.inference import map_tile, output_name
+
+    calls = []
+
+    def spying_map_tile(*args, **kwargs):
+        calls.append(kwargs)
+        return map_tile(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "map_tile", spying_map_tile)
+    entry = read_list(SAMPLE_LIST)[5]
+    val = write_list(tmp_path / "val.csv", [(entry.image, "", entry.hr_label)])
+    trainer = Trainer(options(tmp_path, four_tiles, max_epochs=1, chip_size=64, val_list=val))
+    trainer.fit()  # validation runs after the last epoch, with the final weights
+    assert [(c["chip_size"], c["stride"]) for c in calls] == [(64, 32)]
+    maps = {}
+    for stride in (32, 64):
+        out = map_tile(trainer.model, entry.image, str(tmp_path / f"stride{stride}.tif"), dataset=trainer.dataset,
+                       chip_size=64, stride=stride, device=trainer.device)
+        with rasterio.open(out) as src:
+            maps[stride] = src.read(1)
+    with rasterio.open(tmp_path / "run" / "val" / output_name(entry.image)) as src:
+        val_map = src.read(1)
+    np.testing.assert_array_equal(val_map, maps[32])
+    assert not np.array_equal(val_map, maps[64])  # the comparison can tell the two strides apart
+
+
+def test_epoch_seed_differs_by_epoch_and_rank():
+    seeds = {(epoch, rank): epoch_seed(1234, epoch, rank) for epoch in range(5) for rank in range(4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= s < 2**62 for s in seeds.values())
+    assert epoch_seed(1234, 3, 1) == seeds[3, 1]  # a pure function of (seed, epoch, rank)
+    assert epoch_seed(1235, 0, 0) != seeds[0, 0]
+
+
+class EpochRng(Trainer):
+    """Trainer that records the global torch RNG state (dropout's) at the first step of every epoch."""
+
+    def train_epoch(self, epoch):
+        self.rng_states = getattr(self, "rng_states", {})
+        self._epoch = epoch
+        return super().train_epoch(epoch)
+
+    def train_step(self, batch):
+        self.rng_states.setdefault(self._epoch, torch.random.get_rng_state().clone())
+        return super().train_step(batch)
+
+
+def test_dropout_rng_is_reseeded_per_epoch(tmp_path, four_tiles):
+    """Each epoch draws other dropout masks; a repeated or resumed run draws the same ones."""
+    full = EpochRng(options(tmp_path / "a", four_tiles, max_epochs=2))
+    full.fit()
+    assert sorted(full.rng_states) == [0, 1]
+    assert not torch.equal(full.rng_states[0], full.rng_states[1])
+    again = EpochRng(options(tmp_path / "b", four_tiles, max_epochs=1))
+    again.fit()
+    assert torch.equal(again.rng_states[0], full.rng_states[0])
+    resumed = EpochRng(options(tmp_path / "c", four_tiles, max_epochs=2,
+                               resume=str(tmp_path / "a" / "run" / "epoch_0.pth")))
+    resumed.fit()
+    assert sorted(resumed.rng_states) == [1]
+    assert torch.equal(resumed.rng_states[1], full.rng_states[1])
 
 
 # ---------------------------------------------------------------------------- bad input
