@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Map and score one or more checkpoints over a tile list; one summary.csv row per checkpoint.
-# All the work is done by test.py and mIoU.py; this script only loops. See docs/mapping.md.
+# All the work is done by test.py and mIoU.py (mapping/ and scoring/); this script only loops. See docs/mapping.md.
 set -euo pipefail
 
 usage() {
@@ -18,10 +18,10 @@ For checkpoint NAME.pth the outputs are:
   OUT/summary.csv        rewritten on every run
 
 Options:
-  --list CSV         tile list with image_fn and hr_label_fn (default: the dataset's list)
+  --list_dir CSV     tile list with image_fn and hr_label_fn (default: the dataset's list)
   --dataset NAME     dataset definition (default: the checkpoint's own)
   --list_root R      csv or repo: how relative paths in the list resolve (default: test.py's rule)
-  --out DIR          output folder (default: auto_test_results)
+  --out_dir DIR      output folder (default: auto_test_results)
   --device D         auto, cpu or cuda (default: auto)
   --gpu N            CUDA device index (default: 0)
   --batch_size N     chips per forward pass (default: 16)
@@ -34,7 +34,7 @@ Options:
   -h, --help         this help
 
 Example:
-  ./auto_test.sh --list dataset/CSV_list/Chesapeake_NewYork_eval.csv --out results runs/vcnet/
+  ./auto_test.sh --list_dir dataset/CSV_list/Chesapeake_NewYork_eval.csv --out_dir results runs/vcnet/
 EOF
 }
 
@@ -58,11 +58,11 @@ need_value() {
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
-        --list) need_value "$@"; LIST=(--list_dir "$2"); shift 2 ;;
+        --list_dir) need_value "$@"; LIST=(--list_dir "$2"); shift 2 ;;
         --dataset|--list_root) need_value "$@"; MAP_ARGS+=("$1" "$2"); SCORE_ARGS+=("$1" "$2"); shift 2 ;;
         --device|--gpu|--batch_size|--chip_size|--stride) need_value "$@"; MAP_ARGS+=("$1" "$2"); shift 2 ;;
         --amp|--overwrite|--preview) MAP_ARGS+=("$1"); shift ;;
-        --out) need_value "$@"; OUT="$2"; shift 2 ;;
+        --out_dir) need_value "$@"; OUT="$2"; shift 2 ;;
         --python) need_value "$@"; PY="$2"; shift 2 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *)
@@ -89,7 +89,7 @@ for ckpt in "${CHECKPOINTS[@]}"; do
     name="$(basename "$ckpt" .pth)"
     dir="$OUT/$name"
     echo "== $ckpt -> $dir"
-    "$PY" "$HERE/test.py" --checkpoint "$ckpt" --save_path "$dir" "${LIST[@]}" "${MAP_ARGS[@]}" \
+    "$PY" "$HERE/test.py" --checkpoint "$ckpt" --out_dir "$dir" "${LIST[@]}" "${MAP_ARGS[@]}" \
         || die "mapping with $ckpt failed (test.py exit $?); outputs so far are in $dir"
     "$PY" "$HERE/mIoU.py" --pred_dir "$dir" "${LIST[@]}" "${SCORE_ARGS[@]}" --json "$dir/metrics.json" \
         --summary_csv "$SUMMARY" --label "$name" \

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from tiles.errors import InputError
+from dataset.errors import InputError
 
 DEFINITIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "definitions")
+#: The repository root: shipped definitions and the published lists give paths relative to it.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

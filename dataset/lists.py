@@ -12,9 +12,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tiles.errors import InputError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dataset.definition import REPO_ROOT, DatasetDefinition
+from dataset.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -83,3 +82,32 @@ def read_list(
     if not entries:
         raise InputError(f"{csv_path}: the list has no tiles")
     return entries
+
+
+def list_root_for(list_path: str, dataset: DatasetDefinition, root: str | None = None) -> str:
+    """How relative paths of ``list_path`` resolve: ``root`` if given; the dataset's ``list_root``
+    for lists in the folder of its default list (the published ``dataset/CSV_list``); else "csv"."""
+    if root:
+        return root
+    default = dataset.default_list()
+    if default and os.path.dirname(os.path.abspath(default)) == os.path.dirname(os.path.abspath(list_path)):
+        return dataset.list_root
+    return "csv"
+
+
+def read_dataset_list(dataset: DatasetDefinition, list_path: str | None = None, root: str | None = None,
+                      required: Sequence[str] = ("image_fn", "label_fn"),
+                      check_exists: bool = True) -> tuple[str, list[TileEntry]]:
+    """Read ``list_path``, or the dataset's default list when it is None (``--list_dir`` of every CLI).
+
+    Returns:
+        ``(the list's path, its entries)``.
+
+    Raises:
+        InputError: no list given and the dataset has none, or any :func:`read_list` error.
+    """
+    path = list_path or dataset.default_list()
+    if not path:
+        raise InputError(f"dataset {dataset.name!r} has no default list: give --list_dir")
+    return path, read_list(path, required=required, root=list_root_for(path, dataset, root),
+                           check_exists=check_exists)

@@ -6,24 +6,39 @@ Public API::
     model = build_model(get_config("vcnet"))     # published model, random init
     vit_logits, cnn_logits = model(x)            # x: normalised (B, bands, H, W), H, W % 32 == 0
     model = load_model("epoch_99.pth")           # project checkpoint -> eval-mode model
+
+The names are imported on first use, so ``networks.config`` (what the command-line options need)
+loads without torch and ``--help`` stays fast.
 """
 
-from networks.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
-from networks.config import config_from_dict, config_to_dict, get_config, get_tiny_config, get_vcnet_config
-from networks.encoder_decoder import EncoderDecoder, build_model
-from networks.pretrained import load_deit_weights
+from __future__ import annotations
 
-__all__ = [
-    "EncoderDecoder",
-    "build_model",
-    "config_from_dict",
-    "config_to_dict",
-    "get_config",
-    "get_tiny_config",
-    "get_vcnet_config",
-    "load_deit_weights",
-    "load_model",
-    "model_from_checkpoint",
-    "read_checkpoint",
-    "save_checkpoint",
-]
+import importlib
+from typing import Any
+
+_HOME = {
+    "EncoderDecoder": "networks.encoder_decoder",
+    "build_model": "networks.encoder_decoder",
+    "config_from_dict": "networks.config",
+    "config_to_dict": "networks.config",
+    "get_config": "networks.config",
+    "get_tiny_config": "networks.config",
+    "get_vcnet_config": "networks.config",
+    "load_deit_weights": "networks.pretrained",
+    "load_model": "networks.checkpoint",
+    "model_from_checkpoint": "networks.checkpoint",
+    "read_checkpoint": "networks.checkpoint",
+    "save_checkpoint": "networks.checkpoint",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'networks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

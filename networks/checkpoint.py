@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from dataset import DatasetDefinition, load_dataset
+from dataset.errors import InputError
+from dataset.files import atomic_output
 from networks.config import config_from_dict, config_to_dict
-from tiles.errors import InputError
-from tiles.raster_io import atomic_output
 
 CHECKPOINT_FORMAT = "vcnet-checkpoint"
 CHECKPOINT_VERSION = 1

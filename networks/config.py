@@ -16,6 +16,8 @@ from typing import Any
 import ml_collections
 
 CONFIG_NAMES = ("vcnet", "vcnet_normal", "tiny")
+#: Input sides must be multiples of this: three token levels need an even stride-16 grid.
+SIZE_MULTIPLE = 32
 
 
 def get_vcnet_config() -> ml_collections.ConfigDict:

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from dataset import load_dataset
+from dataset.errors import InputError, run_cli
 from networks.checkpoint import save_checkpoint
 from networks.config import get_vcnet_config
 from networks.encoder_decoder import build_model
-from tiles.errors import InputError, run_cli
 
 # Modules of the published model that never run (spec sections 3.6-3.8, 10 defect 18).
 UNUSED_PREFIXES = (

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.config import SIZE_MULTIPLE
 from networks.heads import FCNHead, UPerHead
 from networks.vit_fusex import ViT_FuseX
 from networks.vit_seg_modeling import DecoderCup, SegmentationHead
 from networks.vit_seg_modeling_L2HNet import L2HNet
-
-SIZE_MULTIPLE = 32
 
 
 def check_input_size(height: int, width: int) -> None:

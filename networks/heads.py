@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from networks.vit_fusex import resize
+from networks.layers import resize
 
 
 class ConvModule(nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tiles.errors import InputError
+from dataset.errors import InputError
 
 BLOCK_PREFIX = "backbone."
 

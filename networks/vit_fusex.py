@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from networks.layers import map_to_tokens, resize, tokens_to_map
 from networks.ms_deform_attn import MSDeformAttn, level_reference_points
 
 LN_EPS = 1e-6
@@ -33,26 +34,9 @@ def level_shapes(h: int, w: int) -> list[tuple[int, int]]:
     return [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]
 
 
-def tokens_to_map(tokens: Tensor, height: int, width: int) -> Tensor:
-    """``(B, height*width, C)`` row-major tokens -> ``(B, C, height, width)``."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
-
-
-def map_to_tokens(feature: Tensor) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, H*W, C)`` row-major tokens."""
-    return feature.flatten(2).transpose(1, 2)
-
-
 def split_levels(tokens: Tensor, h: int, w: int) -> list[Tensor]:
     """Split CNN tokens into their three levels (token form)."""
     return list(tokens.split([a * b for a, b in level_shapes(h, w)], dim=1))
-
-
-def resize(feature: Tensor, size: tuple[int, int], align_corners: bool = False) -> Tensor:
-    """Bilinear resize; AC=False is the half-pixel variant used everywhere except the CNN decoder."""
-    if tuple(feature.shape[-2:]) == tuple(size):
-        return feature
-    return F.interpolate(feature, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def add_to_s16(c: Tensor, x: Tensor, h: int, w: int) -> Tensor:

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from networks.vit_fusex import resize, tokens_to_map
-from networks.vit_seg_modeling_L2HNet import conv_bn_relu
+from networks.layers import conv_bn_relu, resize, tokens_to_map
 
 
 class DecoderCup(nn.Module):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.layers import conv_bn_relu
+
 
 class StdConv2d(nn.Conv2d):
     """Conv2d with weight standardisation: per output channel, the stored weight is centred and
@@ -26,16 +28,6 @@ class StdConv2d(nn.Conv2d):
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
         weight = (self.weight - mean) / torch.sqrt(var + self.eps)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, stride: int = 1,
-                 bias: bool = True) -> nn.Sequential:
-    """Conv -> BatchNorm -> ReLU as a Sequential (published keys ``.0`` conv, ``.1`` BN)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class RPBlock(nn.Module):

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tools.benchmarks as _benchmarks  # noqa: E402
-from tiles.errors import run_cli  # noqa: E402
+from dataset.errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:

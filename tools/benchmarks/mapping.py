@@ -1,7 +1,7 @@
 """test.py sliding-window mapping: peak host memory and speed on a large generated tile.
 
 Writes a random ``bands x H x W`` uint8 GeoTIFF (strip by strip, so writing it needs little
-memory), then maps it with :func:`tiles.inference.map_tile` and reports, per size:
+memory), then maps it with :func:`mapping.writer.map_tile` and reports, per size:
 
 * ``rss_before``: resident memory just before mapping (model, libraries, GDAL cache so far);
 * ``peak_rss``: the process's peak resident memory during mapping (Linux ``VmHWM``, reset before
@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import tempfile
@@ -34,22 +35,29 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
+from dataset.options import add_options, option
+from mapping.options import SlidingWindowOptions
+
 MB = 1 << 20
 
 
+@dataclasses.dataclass(kw_only=True)
+class MappingBenchmarkOptions(SlidingWindowOptions):
+    """The sliding-window options of test.py, plus the test tile and model of the benchmark."""
+
+    size: list[int] = option(default_factory=lambda: [10000], group="benchmark",
+                             help="side(s) of the square test tile in pixels (default: 10000)")
+    model: str = option("stub", "stub: two 1x1 convolutions (I/O and stitching only); tiny: the tiny VCNet",
+                        choices=("stub", "tiny"), group="benchmark")
+    checkpoint: str | None = option(None, "map with this checkpoint instead of --model", group="benchmark")
+    device: str = option("cpu", "cpu, cuda or cuda:N", group="benchmark")
+    save_probs: bool = option(False, "also write the probability raster", group="benchmark")
+    workdir: str | None = option(None, "where to write the tiles", group="benchmark",
+                                 none_means="a temporary folder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, action="append", default=None,
-                        help="side of the square test tile in pixels; repeat for several (default: 10000)")
-    parser.add_argument("--model", choices=("stub", "tiny"), default="stub",
-                        help="stub: two 1x1 convolutions (I/O and stitching only); tiny: the tiny VCNet")
-    parser.add_argument("--checkpoint", default=None, help="map with this checkpoint instead of --model")
-    parser.add_argument("--chip_size", type=int, default=224)
-    parser.add_argument("--stride", type=int, default=112)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--save_probs", action="store_true", help="also write the probability raster")
-    parser.add_argument("--workdir", default=None, help="where to write the tiles (default: a temporary folder)")
+    add_options(parser, MappingBenchmarkOptions)
 
 
 class _Stub(torch.nn.Module):
@@ -114,9 +122,14 @@ def _model(args, dataset_name: str = "sample"):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tiles.inference import chip_offsets, map_tile
+    from mapping.sliding_window import chip_offsets
+    from mapping.writer import map_tile
 
-    sizes = args.size or [10000]
+    fields = {f.name for f in dataclasses.fields(MappingBenchmarkOptions)}
+    # The benchmark's options, checked as test.py checks its own.
+    args = MappingBenchmarkOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    args.check()
+    sizes = args.size
     model, dataset = _model(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="vcnet_mapping_bench_")
     os.makedirs(workdir, exist_ok=True)

@@ -13,27 +13,30 @@ it should be well above ``train_chips_per_s``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import tempfile
 import time
 
 import torch
 
-from networks.config import CONFIG_NAMES
-from trainer import Trainer, TrainOptions
+from dataset.options import add_options, at_least, option, override
+from training.chips import ChipBatch
+from training.options import TrainOptions
+from training.trainer import Trainer
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingBenchmarkOptions(TrainOptions):
+    """Every training option, with defaults for a short measurement, plus the number of timed steps."""
+
+    dataset: str | None = override("sample")
+    num_workers: int = override(2)
+    steps: int = option(10, "timed batches (after 2 warm-up steps)", group="benchmark", check=at_least(1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="sample", help="dataset definition (default: sample)")
-    parser.add_argument("--list_dir", default=None, help="CSV list (default: the dataset's)")
-    parser.add_argument("--model_config", default="vcnet", choices=CONFIG_NAMES)
-    parser.add_argument("--chip_size", type=int, default=224)
-    parser.add_argument("--chips_per_tile", type=int, default=50)
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    parser.add_argument("--steps", type=int, default=10, help="timed batches (after 2 warm-up steps)")
+    add_options(parser, TrainingBenchmarkOptions)
 
 
 def _sync(device: torch.device) -> None:
@@ -44,13 +47,13 @@ def _sync(device: torch.device) -> None:
 def _timed_batches(trainer: Trainer, steps: int, work) -> tuple[int, float]:
     """Run ``work`` on up to ``steps`` batches after two warm-up batches; (chips, seconds)."""
     chips, start = 0, None
-    for index, item in enumerate(b for b in trainer.loader if "image" in b):
+    for index, item in enumerate(b for b in trainer.loader if isinstance(b, ChipBatch)):
         if index == 2:
             _sync(trainer.device)
             start = time.perf_counter()
         work(item)
         if index >= 2:
-            chips += len(item["chips"])
+            chips += len(item.chips)
         if index == steps + 1:
             break
     _sync(trainer.device)
@@ -58,23 +61,23 @@ def _timed_batches(trainer: Trainer, steps: int, work) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory() as savepath:
-        trainer = Trainer(TrainOptions(dataset=args.dataset, list_dir=args.list_dir, model_config=args.model_config,
-                                       chip_size=args.chip_size, chips_per_tile=args.chips_per_tile,
-                                       batch_size=args.batch_size, num_workers=args.num_workers,
-                                       device=args.device, amp=args.amp, savepath=savepath, max_epochs=1))
+    fields = {f.name for f in dataclasses.fields(TrainingBenchmarkOptions)}
+    options = TrainingBenchmarkOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    options.check()
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = Trainer(dataclasses.replace(options, out_dir=out_dir, overwrite=True))
         try:
             trainer.model.train()
-            data_chips, data_s = _timed_batches(trainer, args.steps, lambda batch: None)
-            train_chips, train_s = _timed_batches(trainer, args.steps, trainer.train_step)
+            data_chips, data_s = _timed_batches(trainer, options.steps, lambda batch: None)
+            train_chips, train_s = _timed_batches(trainer, options.steps, trainer.train_step)
         finally:
             trainer.close()
     device = trainer.device
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(), "model_config": args.model_config, "chip_size": args.chip_size,
-        "batch_size": args.batch_size, "num_workers": args.num_workers, "amp_bf16": trainer.amp,
-        "timed_steps": train_chips // max(args.batch_size, 1),
+        "torch_threads": torch.get_num_threads(), "model_config": options.model_config,
+        "chip_size": options.chip_size, "batch_size": options.batch_size, "num_workers": options.num_workers,
+        "amp_bf16": trainer.amp, "timed_steps": train_chips // max(options.batch_size, 1),
         "data_chips_per_s": round(data_chips / data_s, 2),
         "train_chips_per_s": round(train_chips / train_s, 3),
         "peak_host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -1,0 +1,94 @@
+"""Windowed GeoTIFF reading, the project's GeoTIFF output profile, and one-line errors that name the file."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from dataset.errors import InputError
+
+#: Internal block side of every GeoTIFF the project writes (class maps, probabilities, aligned labels).
+GEOTIFF_BLOCK = 256
+
+
+def open_raster(path: str, what: str = "raster") -> rasterio.DatasetReader:
+    """Open a raster for reading.
+
+    Raises:
+        InputError: ``"<path>: <what> not found"`` or ``"<path>: cannot open <what> (...)"``.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {what} not found")
+    try:
+        with warnings.catch_warnings():
+            # Plain (non-georeferenced) patches are legitimate inputs, e.g. the bundled sample.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except (RasterioIOError, OSError) as exc:
+        raise InputError(f"{path}: cannot open {what} ({str(exc).splitlines()[0]})") from None
+
+
+def read_window(src: rasterio.DatasetReader, window: Window | None = None, bands: Sequence[int] | None = None,
+                boundless: bool = False, fill_value: float = 0) -> np.ndarray:
+    """Read ``window`` (all bands unless ``bands``) as ``(C, h, w)`` in the file's dtype.
+
+    ``fill_value`` applies to boundless reads only: given to rasterio on an ordinary read, it also
+    fills masked pixels, and a NAIP file whose NIR band is tagged as alpha would get every pixel
+    with NIR 0 zeroed in all bands.
+
+    Raises:
+        InputError: naming the file when the data cannot be decoded (corrupt GeoTIFF).
+    """
+    extra = {"boundless": True, "fill_value": fill_value} if boundless else {}
+    try:
+        return src.read(indexes=list(bands) if bands else None, window=window, **extra)
+    except (RasterioIOError, OSError, ValueError) as exc:
+        raise InputError(f"{src.name}: cannot read pixels ({str(exc).splitlines()[0]})") from None
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-band ``(x - mean) / std`` computed in float64 and cast to float32 (spec section 2).
+
+    Args:
+        image: ``(C, H, W)`` or ``(B, C, H, W)`` array of raw pixel values.
+    """
+    mean_arr = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
+    out = image.astype(np.float64)  # in place from here: one float64 temporary, not three
+    out -= mean_arr
+    out /= std_arr
+    return out.astype(np.float32)
+
+
+def check_bands(src: rasterio.DatasetReader, expected: int, what: str = "image") -> None:
+    """Raise InputError unless ``src`` has exactly ``expected`` bands."""
+    if src.count != expected:
+        raise InputError(f"{src.name}: {what} has {src.count} bands, the dataset definition expects {expected}")
+
+
+def check_same_grid(a: rasterio.DatasetReader, b: rasterio.DatasetReader, check_georef: bool = True) -> None:
+    """Raise InputError unless ``a`` and ``b`` have the same size (and CRS and transform)."""
+    if (a.height, a.width) != (b.height, b.width):
+        raise InputError(
+            f"{b.name}: size {b.width}x{b.height} differs from {a.name} ({a.width}x{a.height})"
+        )
+    if check_georef:
+        if a.crs != b.crs:
+            raise InputError(f"{b.name}: CRS {b.crs} differs from {a.name} ({a.crs})")
+        if not a.transform.almost_equals(b.transform):
+            raise InputError(f"{b.name}: transform {tuple(b.transform)[:6]} differs from {a.name}")
+
+
+def geotiff_profile(*, width: int, height: int, count: int, crs, transform, nodata: int | None) -> dict:
+    """Profile of the uint8 rasters the project writes: tiled, deflate-compressed, BigTIFF when needed."""
+    return {
+        "driver": "GTiff", "width": width, "height": height, "count": count, "dtype": "uint8", "crs": crs,
+        "transform": transform, "nodata": nodata, "tiled": True, "blockxsize": GEOTIFF_BLOCK,
+        "blockysize": GEOTIFF_BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
+    }

@@ -1,0 +1,138 @@
+"""Mapping a whole tile list with one checkpoint (what test.py runs): device, dataset, shards, resume.
+
+:func:`run_mapping` is ``test.py`` without its argument parsing.
+
+Every output is written under a temporary name and renamed when complete, and tiles whose
+outputs exist are skipped (unless ``overwrite``), so re-running an interrupted command resumes
+it. Under ``torchrun`` each rank maps every ``WORLD_SIZE``-th tile of the list, starting at its
+``RANK``, on GPU ``LOCAL_RANK``; no process group is needed because ranks share nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dataset import TileEntry, load_dataset
+from dataset.errors import InputError
+from dataset.raster_io import check_bands, open_raster
+from mapping.options import MapOptions
+from mapping.preview import write_preview
+from mapping.writer import map_tile, output_name, outputs_exist, probs_name
+from networks import load_model
+from runtime.device import distributed_rank, resolve_device
+
+
+def select_dataset(model_dataset, name: str | None, warn: Callable[[str], None] | None = None):
+    """The dataset definition to map with: the checkpoint's own unless ``name`` names another.
+
+    Another definition must have the checkpoint's band and class counts; it then supplies the
+    normalisation, class names and colours, with a warning.
+
+    Raises:
+        InputError: unknown dataset, or band / class counts that differ from the checkpoint's.
+    """
+    if name is None:
+        return model_dataset
+    other = load_dataset(name)
+    if other.name == model_dataset.name:
+        return model_dataset
+    if other.num_bands != model_dataset.num_bands:
+        raise InputError(f"dataset {other.name!r} has {other.num_bands} bands, the checkpoint's model "
+                         f"({model_dataset.name!r}) expects {model_dataset.num_bands}")
+    if other.num_classes != model_dataset.num_classes:
+        raise InputError(f"dataset {other.name!r} has {other.num_classes} classes, the checkpoint's model "
+                         f"({model_dataset.name!r}) outputs {model_dataset.num_classes}")
+    (warn or _stderr)(f"warning: the checkpoint was trained for dataset {model_dataset.name!r}; mapping with "
+                      f"{other.name!r} (its normalisation, class names and colours)")
+    return other
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_tiles(entries: Sequence[TileEntry], dataset) -> None:
+    """Open every tile before mapping any, so a bad tile stops the run before it starts.
+
+    Raises:
+        InputError: naming the tile that is missing, unreadable or has the wrong band count.
+    """
+    for entry in entries:
+        with open_raster(entry.image, "image") as src:
+            check_bands(src, dataset.num_bands)
+
+
+@dataclass
+class MappingPlan:
+    """Where each tile of a list goes."""
+
+    entries: list[TileEntry]
+    out_dir: str
+    save_probs: bool = False
+    preview: bool = False
+    outputs: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outputs = [os.path.join(self.out_dir, output_name(e.image)) for e in self.entries]
+        seen: dict[str, str] = {}
+        for entry, out in zip(self.entries, self.outputs):
+            if out in seen:
+                raise InputError(f"{entry.image}: same output name as {seen[out]} ({out})")
+            seen[out] = entry.image
+
+    def probs_path(self, out: str) -> str | None:
+        return os.path.join(self.out_dir, probs_name(out)) if self.save_probs else None
+
+    def preview_path(self, out: str) -> str | None:
+        return os.path.splitext(out)[0] + "_preview.png" if self.preview else None
+
+
+def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride: int = 112, batch_size: int = 16,
+             device: str | torch.device = "cpu", amp: bool = False, num_workers: int = 0, overwrite: bool = False,
+             progress: Callable | None = None, log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Map every tile of ``plan`` (and write probabilities and previews if asked).
+
+    Returns:
+        ``{"mapped": [...], "skipped": [...]}`` output paths; skipped tiles already had outputs.
+    """
+    done: dict[str, list[str]] = {"mapped": [], "skipped": []}
+    items = list(zip(plan.entries, plan.outputs))
+    for entry, out in (progress(items) if progress else items):
+        probs = plan.probs_path(out)
+        if not overwrite and outputs_exist(out, probs):
+            done["skipped"].append(out)
+        else:
+            map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
+                     batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
+                     num_workers=num_workers)
+            done["mapped"].append(out)
+            log(f"mapped {entry.image} -> {out}")
+        png = plan.preview_path(out)
+        if png and (overwrite or not os.path.isfile(png)):
+            write_preview(png, entry.image, out, dataset, label_path=entry.label, hr_path=entry.hr_label)
+    return done
+
+
+def run_mapping(options: MapOptions, progress: Callable | None = None,
+                log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Load the checkpoint, read and check the list (this rank's share under torchrun), map it.
+
+    Returns:
+        :func:`map_list`'s ``{"mapped": [...], "skipped": [...]}``.
+    """
+    device = resolve_device(options.device, options.gpu)
+    model = load_model(options.checkpoint, device=device)
+    dataset = select_dataset(model.dataset, options.dataset)
+    _, entries = options.read_list(dataset, required=("image_fn",))
+    rank, world, _ = distributed_rank()
+    entries = entries[rank::world]
+    check_tiles(entries, dataset)
+    plan = MappingPlan(entries, options.out_dir, save_probs=options.save_probs, preview=options.preview)
+    return map_list(model, plan, dataset=dataset, chip_size=options.chip_size, stride=options.stride,
+                    batch_size=options.batch_size, device=device, amp=options.amp, num_workers=options.num_workers,
+                    overwrite=options.overwrite, progress=progress, log=log)

@@ -1,0 +1,182 @@
+"""Writing a tile's class map (and probabilities) as a GeoTIFF while the sliding window runs.
+
+:func:`map_tile` is the whole job for one tile: it reads the image strip by strip, runs
+:func:`mapping.sliding_window.iter_probability_strips`, and writes each finished strip of the
+class map (argmax) and, if asked, of the probabilities. Outputs keep the input's size, CRS and
+transform, carry the dataset's colours and class names, and are written under a temporary name
+that is renamed only when complete. File names follow the published convention
+(:func:`output_name`), which scoring relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from dataset.errors import InputError
+from dataset.files import atomic_output
+from dataset.raster_io import GEOTIFF_BLOCK, check_bands, geotiff_profile, normalize, open_raster, read_window
+from mapping.sliding_window import iter_probability_strips
+
+#: GDAL block cache while mapping: at least this, or enough for a few block rows of a wide tile.
+#: GDAL's default (5 % of RAM) would otherwise keep most of a large input tile cached.
+MIN_GDAL_CACHE = 64 << 20
+#: Tag holding the dataset definition (JSON) in every written map; mIoU.py reads it.
+DATASET_TAG = "VCNET_DATASET"
+
+
+def output_name(image_path: str) -> str:
+    """File name of the class map of ``image_path``, as published.
+
+    ``naip`` in the base name becomes ``predictions`` (``m_4207563_ne_18_1_naip-new.tif`` ->
+    ``m_4207563_ne_18_1_predictions-new.tif``); any other name becomes ``<stem>_pred.tif``.
+    """
+    base = os.path.basename(image_path)
+    if "naip" in base:
+        return base.replace("naip", "predictions")
+    return os.path.splitext(base)[0] + "_pred.tif"
+
+
+def probs_name(map_name: str) -> str:
+    """File name of the probability raster that goes with the class map ``map_name``."""
+    return os.path.splitext(os.path.basename(map_name))[0] + "_probs.tif"
+
+
+class BlockRowWriter:
+    """Write finished rows to an open GeoTIFF in whole block rows (no partial-block rewrites)."""
+
+    def __init__(self, dst: rasterio.io.DatasetWriter):
+        self.dst = dst
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.row = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[1]
+        if self.pending_rows >= GEOTIFF_BLOCK:
+            self._flush(self.pending_rows - self.pending_rows % GEOTIFF_BLOCK)
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, count: int) -> None:
+        data = np.concatenate(self.pending, axis=1) if len(self.pending) > 1 else self.pending[0]
+        self.dst.write(data[:, :count], window=Window(0, self.row, data.shape[2], count))
+        self.row += count
+        rest = data[:, count:]
+        self.pending = [rest] if rest.shape[1] else []
+        self.pending_rows = rest.shape[1]
+
+
+@contextlib.contextmanager
+def _open_output(path: str, src: rasterio.DatasetReader, dataset, probabilities: bool, tags: dict[str, str]
+                 ) -> Iterator[rasterio.io.DatasetWriter]:
+    """Create the class map (or, with ``probabilities``, the probability raster) with its metadata."""
+    count = dataset.num_classes if probabilities else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        profile = geotiff_profile(width=src.width, height=src.height, count=count, crs=src.crs, transform=src.transform,
+                                  nodata=None if probabilities else 0)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.update_tags(**tags)
+            if probabilities:
+                for i, name in enumerate(dataset.class_names, start=1):
+                    dst.set_band_description(i, f"p({name})")
+                dst.scales = (1.0 / 255.0,) * count
+            else:
+                dst.write_colormap(1, dataset.colormap())
+                dst.set_band_description(1, "class")
+                dst.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(dataset.class_names)})
+            yield dst
+
+
+def _output_tags(dataset, image_path: str, chip_size: int, stride: int) -> dict[str, str]:
+    return {
+        DATASET_TAG: json.dumps(dataset.to_dict()),
+        "CLASS_NAMES": json.dumps(list(dataset.class_names)),
+        "VCNET_SOURCE_IMAGE": os.path.basename(image_path),
+        "VCNET_WINDOW": f"chip={chip_size} stride={stride}",
+    }
+
+
+def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
+    """True when every requested output of a tile is already there (the tile can be skipped)."""
+    return os.path.isfile(out_path) and (probs_path is None or os.path.isfile(probs_path))
+
+
+def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_size: int = 224, stride: int = 112,
+             batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False, overwrite: bool = False,
+             probs_path: str | None = None, num_workers: int = 0) -> str:
+    """Map one GeoTIFF tile into a class-map GeoTIFF (spec section 7).
+
+    The output is uint8, one band, with the input's size, CRS and transform, nodata 0, the
+    dataset's colour table, and tags ``CLASS_NAMES`` and ``VCNET_DATASET`` (the definition as
+    JSON, which ``mIoU.py`` reads). It is tiled (256) and deflate-compressed, and written under a
+    temporary name that is renamed only when complete, so an interrupted run leaves nothing.
+
+    Args:
+        model: eval-mode VCNet (or any callable with the same contract) already on ``device``;
+            it is switched to eval for the call and restored afterwards.
+        image_path: input GeoTIFF with ``dataset.num_bands`` bands.
+        out_path: the class map to write.
+        dataset: :class:`dataset.DatasetDefinition` for normalisation, classes and colours.
+        chip_size, stride, batch_size, device, amp: see :func:`iter_probability_strips`.
+        overwrite: re-map even if the outputs exist (otherwise existing outputs are kept).
+        probs_path: also write per-class probabilities, uint8 scaled by 255 (band ``i`` = class
+            ``i``, band descriptions = class names, scale 1/255).
+        num_workers: image bands read ahead in a background thread.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        InputError: naming the file: missing or corrupt tile, wrong band count, or a model whose
+            class count differs from the dataset's.
+    """
+    if not overwrite and outputs_exist(out_path, probs_path):
+        return out_path
+    module = getattr(model, "module", model)
+    was_training = bool(getattr(module, "training", False))
+    if hasattr(module, "eval"):
+        module.eval()
+    try:
+        with open_raster(image_path, "image") as src, contextlib.ExitStack() as stack:
+            check_bands(src, dataset.num_bands)
+            bands = max(src.count, dataset.num_classes if probs_path else 1)
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=max(MIN_GDAL_CACHE, 4 * GEOTIFF_BLOCK * src.width * bands)))
+            tags = _output_tags(dataset, image_path, chip_size, stride)
+            # Entered in this order, exited in reverse: the probabilities are renamed before the
+            # map, so an existing map means the tile is complete.
+            writers = []
+            for path, probabilities in [(out_path, False)] + ([(probs_path, True)] if probs_path else []):
+                tmp = stack.enter_context(atomic_output(path))
+                dst = stack.enter_context(_open_output(tmp, src, dataset, probabilities, tags))
+                writers.append(BlockRowWriter(dst))
+            strips = stack.enter_context(contextlib.closing(iter_probability_strips(
+                module, lambda r0, r1: read_window(src, Window(0, r0, src.width, r1 - r0)), src.height, src.width,
+                preprocess=lambda chips: normalize(chips, dataset.mean, dataset.std), chip_size=chip_size,
+                stride=stride, batch_size=batch_size, device=device, amp=amp, prefetch=num_workers)))
+            for _, probs in strips:
+                if probs.shape[0] != dataset.num_classes:
+                    raise InputError(f"{image_path}: the model outputs {probs.shape[0]} classes, dataset "
+                                     f"{dataset.name!r} has {dataset.num_classes}")
+                writers[0].add(np.argmax(probs, axis=0).astype(np.uint8)[None])
+                if probs_path:
+                    writers[1].add(np.rint(probs * 255.0).astype(np.uint8))
+            for writer in writers:
+                writer.close()
+    finally:
+        if was_training:
+            module.train()
+    return out_path

@@ -1,0 +1,1 @@
+"""Where the work runs: the torch device and the torchrun environment, shared by training and mapping."""

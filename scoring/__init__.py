@@ -1,0 +1,1 @@
+"""Scoring class maps against HR reference land cover (what mIoU.py runs): confusion matrix, metrics, report."""

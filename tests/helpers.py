@@ -1,0 +1,51 @@
+"""Helpers shared by the tests: repository paths, GeoTIFF and CSV writers, running a CLI ``main``."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from dataset.errors import run_cli
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(REPO_ROOT, "dataset", "sample")
+SAMPLE_LIST = os.path.join(SAMPLE_DIR, "train.csv")
+GEOREF_DIR = os.path.join(REPO_ROOT, "tests", "data", "georef")
+
+
+def write_geotiff(path, array, crs="EPSG:26917", transform=None, nodata=None, **profile):
+    """Write ``array`` ((H, W) or (C, H, W)) as a GeoTIFF with a real CRS and transform."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if transform is None:
+        transform = from_origin(500000.0, 4400000.0, 1.0, 1.0)
+    meta = dict(driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
+                dtype=array.dtype, crs=crs, transform=transform, nodata=nodata)
+    meta.update(profile)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with rasterio.open(path, "w", **meta) as dst:
+        dst.write(array)
+    return path
+
+
+def write_list(path, rows, columns=("image_fn", "label_fn", "hr_label_fn")):
+    """Write a CSV tile list with ``columns`` and ``rows``; returns its path as a string."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return str(path)
+
+
+def run_main(main, argv, capsys):
+    """Run a CLI ``main`` as the script would; returns (exit code, stdout, last stderr line + newline)."""
+    code = run_cli(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().replace("\r", "\n").splitlines()
+    return code, out, (lines[-1] + "\n") if lines else ""

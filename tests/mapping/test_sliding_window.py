@@ -1,0 +1,351 @@
+"""Sliding-window mapping (spec 7): grid, kernel, strip-wise stitching, GeoTIFF output, resume, bad input.
+
+Most tests use a two-convolution stand-in for the network (any callable returning
+``(vit_logits, cnn_logits)`` will do); the tests at the end use a tiny VCNet checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from dataset import load_dataset
+from dataset.errors import InputError
+from dataset.raster_io import normalize
+from mapping.sliding_window import center_kernel, chip_offsets, iter_probability_strips
+from mapping.writer import map_tile, output_name, probs_name
+from tests.helpers import GEOREF_DIR, write_geotiff
+
+NAIP_260 = os.path.join(GEOREF_DIR, "m_3907833_nw_17_1_naip-new.tif")  # 260 x 260, EPSG:26917
+NAIP_266x204 = os.path.join(GEOREF_DIR, "m_3211605_ne_11_060_20200415.tif")  # EPSG:26911, 0.6 m
+NAIP_175x143 = os.path.join(GEOREF_DIR, "m_4208701_ne_16_060_20200902.tif")  # EPSG:26916, 0.6 m
+
+
+class TwoConv(torch.nn.Module):
+    """Stand-in network: (vit, cnn) logits from two small convolutions."""
+
+    def __init__(self, bands: int = 4, classes: int = 5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vit = torch.nn.Conv2d(bands, classes, 3, padding=1)
+        self.cnn = torch.nn.Conv2d(bands, classes, 5, padding=2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.vit(x), self.cnn(x)
+
+
+class FailAfter(TwoConv):
+    """Raises ``error`` on forward call number ``calls + 1`` (simulates an interrupted run)."""
+
+    def __init__(self, calls: int, error: BaseException):
+        super().__init__()
+        self.limit, self.error = calls, error
+
+    def forward(self, x):
+        if self.calls >= self.limit:
+            raise self.error
+        return super().forward(x)
+
+
+def oracle_offsets(size: int, chip: int, stride: int) -> list[int]:
+    """Grid offsets written out from spec 7 (not taken from the module under test): every
+    ``stride`` from 0 while below ``size - chip``, then ``size - chip``; 0 alone if the side fits."""
+    if size <= chip:
+        return [0]
+    offsets = []
+    position = 0
+    while position < size - chip:
+        offsets.append(position)
+        position += stride
+    offsets.append(size - chip)
+    return offsets
+
+
+def oracle_kernel(chip: int, stride: int) -> np.ndarray:
+    """Blending weights written out from spec 7: 5 in the central ``[m, chip - m)`` square with
+    ``m = (chip - stride) // 2``, 1 elsewhere."""
+    m = (chip - stride) // 2
+    kernel = np.empty((chip, chip), dtype=np.float32)
+    for i in range(chip):
+        for j in range(chip):
+            kernel[i, j] = 5.0 if (m <= i < chip - m and m <= j < chip - m) else 1.0
+    return kernel
+
+
+def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int) -> np.ndarray:
+    """The published procedure with a whole-tile accumulator, one chip at a time (spec 7)."""
+    _, h, w = image.shape
+    hp, wp = max(h, chip), max(w, chip)
+    image = np.pad(image, ((0, 0), (0, hp - h), (0, wp - w)), mode="reflect")
+    kernel = oracle_kernel(chip, stride)
+    acc, cnt = None, np.zeros((hp, wp), dtype=np.float32)
+    for r in oracle_offsets(h, chip, stride):
+        for c in oracle_offsets(w, chip, stride):
+            with torch.no_grad():
+                vit, cnn = model(torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip])))
+            p = torch.softmax((vit + cnn) / 2, dim=1)[0].numpy()
+            if acc is None:
+                acc = np.zeros((p.shape[0], hp, wp), dtype=np.float32)
+            acc[:, r:r + chip, c:c + chip] += p * kernel
+            cnt[r:r + chip, c:c + chip] += kernel
+    return (acc / cnt)[:, :h, :w]
+
+
+def strips_of(model, image, chip, stride, **kw):
+    """Run the strip-wise mapper on an in-memory image; return (row, probs) list and read log."""
+    reads = []
+
+    def read_rows(r0, r1):
+        reads.append((r0, r1))
+        return image[:, r0:r1]
+
+    out = list(iter_probability_strips(model, read_rows, image.shape[1], image.shape[2], chip_size=chip,
+                                       stride=stride, **kw))
+    return out, reads
+
+
+@pytest.fixture(scope="module")
+def sample_ds():
+    return load_dataset("sample")
+
+
+@pytest.fixture
+def model():
+    return TwoConv().eval()
+
+
+def read_normalized(path, dataset):
+    with rasterio.open(path) as src:
+        return normalize(src.read(), dataset.mean, dataset.std)
+
+
+# --- grid and kernel -------------------------------------------------------------------------
+
+
+def test_chip_offsets_as_published():
+    assert chip_offsets(448, 224, 112) == [0, 112, 224]
+    assert chip_offsets(500, 224, 112) == [0, 112, 224, 276]  # last one flush with the border
+    assert chip_offsets(225, 224, 112) == [0, 1]
+    assert chip_offsets(224, 224, 112) == [0]
+    assert chip_offsets(100, 224, 112) == [0]  # smaller than a chip: padded by the caller
+    for size in range(1, 120):
+        offsets = chip_offsets(size, 32, 16)
+        assert offsets == sorted(set(offsets))  # increasing, no repeats
+        assert offsets[-1] == max(size - 32, 0)
+        assert all(b - a <= 16 for a, b in zip(offsets, offsets[1:]))  # no gaps
+    with pytest.raises(ValueError):
+        chip_offsets(100, 32, 33)
+    with pytest.raises(ValueError):
+        chip_offsets(100, 0, 1)
+
+
+def test_oracle_grid_and_kernel_match_the_published_examples():
+    """The test's own grid and kernel agree with the published 224/112 numbers."""
+    assert oracle_offsets(500, 224, 112) == [0, 112, 224, 276]
+    assert oracle_offsets(448, 224, 112) == [0, 112, 224] and oracle_offsets(100, 224, 112) == [0]
+    k = oracle_kernel(224, 112)
+    assert k[56, 56] == k[167, 167] == 5 and k[55, 100] == k[100, 168] == 1 and k.sum() == 224 * 224 + 4 * 112 * 112
+
+
+def test_center_kernel_published_weights():
+    k = center_kernel(224, 112)
+    assert k.dtype == np.float32 and k.shape == (224, 224)
+    inside = np.zeros((224, 224), dtype=bool)
+    inside[56:168, 56:168] = True
+    assert np.all(k[inside] == 5) and np.all(k[~inside] == 1)
+    assert np.all(center_kernel(32, 16)[8:24, 8:24] == 5) and center_kernel(32, 16).sum() == 32 * 32 + 4 * 16 * 16
+
+
+def test_output_names():
+    assert output_name("/d/m_4207563_ne_18_1_naip-new.tif") == "m_4207563_ne_18_1_predictions-new.tif"
+    assert output_name("x/wv_1m_2014-m_3708020_sw_17_1-0_naip.tif") == "wv_1m_2014-m_3708020_sw_17_1-0_predictions.tif"
+    assert output_name("m_3211605_ne_11_060_20200415.tif") == "m_3211605_ne_11_060_20200415_pred.tif"
+    assert probs_name("a_predictions.tif") == "a_predictions_probs.tif"
+
+
+# --- strip-wise stitching equals the whole-tile accumulator ----------------------------------
+
+
+@pytest.mark.parametrize("shape", [(100, 130), (64, 64), (20, 50), (97, 64), (300, 41), (1, 1)])
+def test_strip_wise_equals_whole_tile(model, shape):
+    image = np.random.default_rng(1).normal(size=(4, *shape)).astype(np.float32)
+    expected = whole_tile_oracle(model, image, 32, 16)
+    strips, reads = strips_of(model, image, 32, 16, batch_size=1)
+    rows = [r for r, _ in strips]
+    assert rows == sorted(rows) and rows[0] == 0
+    got = np.concatenate([p for _, p in strips], axis=1)
+    # Same float32 additions in the same order: bit-identical.
+    np.testing.assert_array_equal(got, expected)
+    # Memory: never more than one chip of rows read at a time, in order.
+    assert all(r1 - r0 <= 32 for r0, r1 in reads) and reads == sorted(reads)
+
+
+def test_batching_and_read_ahead_do_not_change_the_result(model):
+    image = np.random.default_rng(2).normal(size=(4, 150, 90)).astype(np.float32)
+    one, _ = strips_of(model, image, 32, 16, batch_size=1)
+    many, _ = strips_of(model, image, 32, 16, batch_size=7, prefetch=3)
+    np.testing.assert_allclose(np.concatenate([p for _, p in many], 1), np.concatenate([p for _, p in one], 1),
+                               rtol=0, atol=1e-6)
+
+
+def test_strips_are_released_before_the_tile_is_read():
+    image = np.zeros((4, 320, 40), dtype=np.float32)
+    events = []
+
+    def read_rows(r0, r1):
+        events.append(("read", r0))
+        return image[:, r0:r1]
+
+    for row, _ in iter_probability_strips(TwoConv().eval(), read_rows, 320, 40, chip_size=32, stride=16,
+                                          batch_size=2):
+        events.append(("strip", row))
+    first_strip = events.index(("strip", 0))
+    assert first_strip < len(events) // 4  # long before the last read
+    assert events[-1][0] == "strip"
+
+
+def test_read_error_in_read_ahead_thread_is_raised():
+    def read_rows(r0, r1):
+        if r0 >= 32:
+            raise InputError("tile.tif: cannot read pixels (boom)")
+        return np.zeros((4, r1 - r0, 40), dtype=np.float32)
+
+    with pytest.raises(InputError, match="boom"):
+        list(iter_probability_strips(TwoConv().eval(), read_rows, 200, 40, chip_size=32, stride=16, prefetch=2))
+
+
+# --- GeoTIFF output on real georeferenced rasters --------------------------------------------
+
+
+@pytest.mark.parametrize("path, chip, stride", [(NAIP_260, 64, 32), (NAIP_266x204, 64, 32), (NAIP_175x143, 224, 112)])
+def test_map_tile_keeps_georef_and_writes_metadata(tmp_path, model, sample_ds, path, chip, stride):
+    out = str(tmp_path / output_name(path))
+    assert map_tile(model, path, out, dataset=sample_ds, chip_size=chip, stride=stride, batch_size=4) == out
+    with rasterio.open(path) as src, rasterio.open(out) as dst:
+        assert (dst.width, dst.height, dst.count, dst.dtypes[0]) == (src.width, src.height, 1, "uint8")
+        assert dst.crs == src.crs and dst.crs is not None
+        assert dst.transform.almost_equals(src.transform)
+        assert dst.nodata == 0
+        assert dst.profile["tiled"] and dst.compression is not None
+        palette = dst.colormap(1)
+        assert {k: palette[k][:3] for k in range(5)} == {k: v[:3] for k, v in sample_ds.colormap().items()}
+        assert palette[0][3] == 0 and palette[1][3] == 255  # GDAL makes the nodata entry transparent
+        tags = dst.tags()
+        assert json.loads(tags["CLASS_NAMES"]) == list(sample_ds.class_names)
+        assert load_dataset(json.loads(tags["VCNET_DATASET"])).name == "sample"
+        assert dst.tags(1)["CLASS_2"] == "tree canopy"
+        classes = dst.read(1)
+    expected = whole_tile_oracle(model, read_normalized(path, sample_ds), chip, stride).argmax(0)
+    np.testing.assert_array_equal(classes, expected)
+    assert not glob.glob(str(tmp_path / ".*.tmp"))
+
+
+def test_probabilities_output(tmp_path, model, sample_ds):
+    out, probs = str(tmp_path / "map.tif"), str(tmp_path / "map_probs.tif")
+    map_tile(model, NAIP_266x204, out, dataset=sample_ds, chip_size=64, stride=32, probs_path=probs)
+    expected = whole_tile_oracle(model, read_normalized(NAIP_266x204, sample_ds), 64, 32)
+    with rasterio.open(probs) as dst:
+        assert dst.count == 5 and dst.dtypes[0] == "uint8" and dst.crs is not None
+        assert dst.descriptions[2] == "p(tree canopy)" and dst.scales[0] == pytest.approx(1 / 255)
+        np.testing.assert_allclose(dst.read().astype(float), expected * 255, atol=0.51)
+
+
+def test_large_tile_written_in_block_rows(tmp_path, model, sample_ds):
+    """Taller than one output block (256 rows), not a multiple of the chip or block."""
+    image = np.random.default_rng(3).integers(0, 255, size=(4, 600, 70), dtype=np.uint8)
+    path = write_geotiff(str(tmp_path / "tall_naip.tif"), image)
+    out = map_tile(model, path, str(tmp_path / output_name(path)), dataset=sample_ds, chip_size=32, stride=16,
+                   batch_size=16, num_workers=2)
+    with rasterio.open(out) as dst:
+        got = dst.read(1)
+    expected = whole_tile_oracle(model, normalize(image, sample_ds.mean, sample_ds.std), 32, 16).argmax(0)
+    assert (got == expected).mean() > 0.9999  # batch 16 vs 1: float rounding may flip a near-tie
+    assert out.endswith("tall_predictions.tif")
+
+
+# --- resume and bad input ---------------------------------------------------------------------
+
+
+def test_interrupted_run_leaves_nothing_and_resumes(tmp_path, sample_ds):
+    out = str(tmp_path / "map.tif")
+    probs = str(tmp_path / "map_probs.tif")
+    with pytest.raises(KeyboardInterrupt):
+        map_tile(FailAfter(3, KeyboardInterrupt()), NAIP_260, out, dataset=sample_ds, chip_size=32, stride=16,
+                 batch_size=4, probs_path=probs)
+    assert os.listdir(tmp_path) == []  # no map, no probabilities, no temporary files
+    model = TwoConv().eval()
+    map_tile(model, NAIP_260, out, dataset=sample_ds, chip_size=32, stride=16, batch_size=64, probs_path=probs)
+    assert sorted(os.listdir(tmp_path)) == ["map.tif", "map_probs.tif"]
+    mtime = os.path.getmtime(out)
+    never = FailAfter(0, AssertionError("an existing output must be skipped"))
+    map_tile(never, NAIP_260, out, dataset=sample_ds, chip_size=32, stride=16, probs_path=probs)
+    assert os.path.getmtime(out) == mtime
+    with pytest.raises(AssertionError):
+        map_tile(never, NAIP_260, out, dataset=sample_ds, chip_size=32, stride=16, overwrite=True)
+    assert os.path.getmtime(out) == mtime  # the failed overwrite kept the old map
+
+
+def test_model_mode_is_restored(tmp_path, sample_ds):
+    model = TwoConv().train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    map_tile(model, NAIP_175x143, str(tmp_path / "m.tif"), dataset=sample_ds, chip_size=224, stride=112)
+    assert seen == [False] and model.training
+
+
+def test_wrong_band_count(tmp_path, model, sample_ds):
+    path = write_geotiff(str(tmp_path / "rgb.tif"), np.zeros((3, 40, 40), dtype=np.uint8))
+    with pytest.raises(InputError, match=r"rgb\.tif: image has 3 bands, the dataset definition expects 4"):
+        map_tile(model, path, str(tmp_path / "out.tif"), dataset=sample_ds, chip_size=32, stride=16)
+    assert not os.path.exists(tmp_path / "out.tif")
+
+
+def test_missing_and_corrupt_tiles(tmp_path, model, sample_ds):
+    with pytest.raises(InputError, match="nope.tif: image not found"):
+        map_tile(model, str(tmp_path / "nope.tif"), str(tmp_path / "o.tif"), dataset=sample_ds, chip_size=32, stride=16)
+    # A real tile cut short: the header opens, the pixel data does not decode.
+    truncated = tmp_path / "truncated.tif"
+    shutil.copy(NAIP_260, truncated)
+    with open(truncated, "r+b") as fh:
+        fh.truncate(os.path.getsize(NAIP_260) // 2)
+    with pytest.raises(InputError, match="truncated.tif"):
+        map_tile(model, str(truncated), str(tmp_path / "o.tif"), dataset=sample_ds, chip_size=32, stride=16)
+    assert sorted(os.listdir(tmp_path)) == ["truncated.tif"]
+
+
+def test_model_with_other_class_count(tmp_path, sample_ds):
+    with pytest.raises(InputError, match="outputs 3 classes"):
+        map_tile(TwoConv(classes=3).eval(), NAIP_175x143, str(tmp_path / "o.tif"), dataset=sample_ds,
+                 chip_size=224, stride=112)
+    assert os.listdir(tmp_path) == []
+
+
+# --- the tiny VCNet ----------------------------------------------------------------------------
+
+
+def test_tiny_vcnet_strip_wise_equals_one_pass(tiny_checkpoint, tmp_path):
+    """A real (tiny) checkpoint: the mapped GeoTIFF equals the whole-tile accumulation."""
+    from networks import load_model
+
+    model = load_model(tiny_checkpoint)
+    with rasterio.open(NAIP_260) as src:
+        raw, profile = src.read(window=((0, 100), (0, 140))), src.profile
+    path = write_geotiff(str(tmp_path / "crop_naip.tif"), raw, crs=profile["crs"], transform=profile["transform"])
+    image = normalize(raw, model.dataset.mean, model.dataset.std)
+    expected = whole_tile_oracle(model, image, 64, 32)
+    strips, _ = strips_of(model, image, 64, 32, batch_size=1)
+    np.testing.assert_array_equal(np.concatenate([p for _, p in strips], axis=1), expected)
+    out = map_tile(model, path, str(tmp_path / "crop_predictions.tif"), dataset=model.dataset, chip_size=64,
+                   stride=32, batch_size=1)
+    with rasterio.open(out) as dst:
+        np.testing.assert_array_equal(dst.read(1), expected.argmax(0))
+        assert dst.crs == profile["crs"]

@@ -1,0 +1,127 @@
+"""The package layout: imports only go down the pipeline's layers, and every command-line option is
+declared once (the parsers are generated from the options dataclasses)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+
+import pytest
+
+from dataset.options import Options, add_options, parse_options
+from mapping.options import MapOptions
+from preparation.options import AlignOptions, CheckOptions, ListWriteOptions, StatsOptions
+from scoring.options import ScoreOptions
+from tests.helpers import REPO_ROOT
+from training.options import TrainOptions
+
+#: What each package may import from the project (besides itself): the layers, bottom first.
+ALLOWED = {
+    "dataset": set(),
+    "runtime": {"dataset"},
+    "networks": {"dataset"},
+    "preparation": {"dataset"},
+    "mapping": {"dataset", "runtime", "networks"},
+    "scoring": {"dataset", "mapping"},
+    "training": {"dataset", "runtime", "networks", "mapping", "scoring"},
+}
+SCRIPTS = {"train", "test", "mIoU", "tools", "tests"}
+
+
+def project_imports(path: str) -> set[str]:
+    """Top-level project names imported anywhere in ``path`` (module level or inside functions)."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & (set(ALLOWED) | SCRIPTS)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_only_go_down(package):
+    wrong = {}
+    for folder, _, files in os.walk(os.path.join(REPO_ROOT, package)):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                extra = project_imports(path) - ALLOWED[package] - {package}
+                if extra:
+                    wrong[os.path.relpath(path, REPO_ROOT)] = sorted(extra)
+    assert not wrong, f"imports that go up or sideways: {wrong}"
+
+
+CLIS = [TrainOptions, MapOptions, ScoreOptions, AlignOptions, ListWriteOptions, StatsOptions, CheckOptions]
+REQUIRED = {
+    MapOptions: ["--checkpoint", "x.pth"],
+    ScoreOptions: ["--pred_dir", "maps"],
+    AlignOptions: ["--lr", "a.tif", "b.tif", "--out_dir", "labels", "--images", "*.tif"],
+    ListWriteOptions: ["--images", "*.tif", "--labels", "{stem}_lr.tif", "--out", "list.csv"],
+    StatsOptions: ["--images", "*.tif"],
+    CheckOptions: ["--dataset", "sample"],
+}
+
+
+@pytest.mark.parametrize("cls", CLIS, ids=lambda c: c.__name__)
+def test_parser_is_generated_from_the_options(cls):
+    argv = REQUIRED.get(cls, [])
+    parsed = parse_options(cls, argv)
+    for f in dataclasses.fields(cls):
+        if f"--{f.name}" not in argv:  # not given: the dataclass default
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert getattr(parsed, f.name) == default, f.name
+    parser = add_options(argparse.ArgumentParser(), cls)
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in dataclasses.fields(cls)}
+    for dest, action in flags.items():
+        assert action.help, f"--{dest} has no help"
+        assert action.option_strings[0] == f"--{dest}"
+
+
+def test_shared_options_have_one_declaration():
+    """--dataset, --list_dir, --list_root and the device options carry the same help in every command."""
+    helps: dict[str, set[str]] = {}
+    for cls in (TrainOptions, MapOptions, ScoreOptions, CheckOptions):
+        parser = add_options(argparse.ArgumentParser(), cls)
+        for action in parser._actions:
+            if action.dest in {"dataset", "list_dir", "list_root", "device", "gpu", "amp"}:
+                helps.setdefault(action.dest, set()).add(action.help.split(" (default")[0])
+    assert all(len(texts) == 1 for texts in helps.values()), helps
+
+
+def test_one_flag_per_concept_with_published_aliases():
+    train = parse_options(TrainOptions, ["--savepath", "runs/a"])
+    mapped = parse_options(MapOptions, ["--model_path", "x.pth", "--save_path", "maps"])
+    assert train.out_dir == "runs/a" and mapped.out_dir == "maps" and mapped.checkpoint == "x.pth"
+    names = {f.name for cls in CLIS for f in dataclasses.fields(cls)}
+    # Output folders are --out_dir everywhere ('--out' is a file: a CSV or JSON); chips are --chip_size;
+    # relative list paths follow --list_root.
+    assert not names & {"savepath", "save_path", "out_folder", "chip", "root", "list"}
+
+
+@pytest.mark.parametrize("cls,argv,message", [
+    (TrainOptions, ["--batch_size", "1"], "--batch_size 1: must be at least 2"),
+    (TrainOptions, ["--chip_size", "100"], "--chip_size 100: must be a positive multiple of 32"),
+    (TrainOptions, ["--base_lr", "nan"], "--base_lr nan: must be a positive number"),
+    (MapOptions, ["--checkpoint", "x", "--stride", "300"], "--stride 300: must be in 1..224"),
+    (MapOptions, ["--checkpoint", "x", "--num_workers", "-1"], "--num_workers -1: must be at least 0"),
+    (AlignOptions, ["--lr", "a", "--out_dir", "o", "--images", "x", "--window", "0"], "--window 0: must be at least 1"),
+    (AlignOptions, ["--lr", "a", "--out_dir", "o"], "one of --list_dir CSV or --images GLOB"),
+    (ListWriteOptions, ["--images", "x", "--labels", "y", "--out", "z", "--val_fraction", "2"],
+     "--val_fraction 2.0: must be between 0 and 1"),
+    (StatsOptions, ["--images", "x", "--size", "0"], "--size 0: must be at least 1"),
+    (CheckOptions, [], "--dataset is required"),
+])
+def test_values_are_checked_before_work(cls, argv, message):
+    from dataset.errors import InputError
+
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_options(cls, argv)
+
+
+def test_every_cli_options_class_derives_from_options():
+    assert all(issubclass(cls, Options) for cls in CLIS)

@@ -1,0 +1,58 @@
+"""Distributed training: two CPU processes (gloo) see different chips and end with the same weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import SAMPLE_LIST
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, out_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from training.options import TrainOptions
+    from training.trainer import Trainer
+
+    class Recording(Trainer):
+        def train_step(self, batch):
+            self.chips = getattr(self, "chips", []) + [tuple(c) for c in batch.chips.tolist()]
+            return super().train_step(batch)
+
+    trainer = Recording(TrainOptions(dataset="sample", list_dir=SAMPLE_LIST, model_config="tiny", chip_size=32,
+                                     chips_per_tile=2, batch_size=2, max_epochs=2, num_workers=1, device="cpu",
+                                     out_dir=out_dir, log_interval=1))
+    summary = trainer.fit()
+    torch.save({"chips": trainer.chips, "state": trainer.model.module.state_dict(), "summary": summary,
+                "steps": trainer.step}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_two_ranks_share_the_tiles_and_agree_on_the_weights(tmp_path):
+    out_dir = str(tmp_path / "run")
+    mp.spawn(_rank_main, args=(_free_port(), out_dir, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # 8 tiles x 2 chips x 2 epochs, shared out: each rank 4 tiles per epoch, 4 steps of 2 chips.
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 8
+    chips = [set(r["chips"]) for r in ranks]
+    assert len(chips[0]) == len(chips[1]) == 16 and not chips[0] & chips[1]
+    for epoch in range(2):  # within an epoch the ranks read disjoint tiles that cover the list
+        tiles = [{c[0] for c in r["chips"][epoch * 8:(epoch + 1) * 8]} for r in ranks]
+        assert len(tiles[0]) == len(tiles[1]) == 4 and tiles[0] | tiles[1] == set(range(8))
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    saved = torch.load(os.path.join(out_dir, "last.pth"), weights_only=True)["state_dict"]
+    for key, value in saved.items():
+        assert torch.equal(value, ranks[0]["state"][key]), key
+    assert sorted(os.listdir(out_dir)) == ["epoch_0.pth", "epoch_1.pth", "last.pth", "tensorboard", "train.log"]

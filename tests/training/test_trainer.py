@@ -1,0 +1,390 @@
+"""Training end to end on the real sample with the tiny model: CLI, checkpoints, schedule, resume,
+auxiliary loss, validation, pretrained blocks and bad input (exit status 2, one line)."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+import train
+from dataset import read_list
+from dataset.errors import run_cli
+from networks import load_model, read_checkpoint
+from tests.helpers import SAMPLE_LIST, write_geotiff, write_list
+from training.options import TrainOptions
+from training.sampling import poly_lr
+from training.trainer import Trainer, epoch_seed
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from a second thread, and on a busy 2-core machine OpenMP's
+    thread barriers can stall for seconds per step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def four_tiles(tmp_path_factory):
+    """Four real sample tiles, absolute paths (with their HR references)."""
+    entries = read_list(SAMPLE_LIST)[:4]
+    folder = tmp_path_factory.mktemp("lists")
+    return write_list(folder / "four.csv", [(e.image, e.label, e.hr_label) for e in entries])
+
+
+def options(tmp_path, list_dir, **kw) -> TrainOptions:
+    base = dict(dataset="sample", list_dir=list_dir, model_config="tiny", chip_size=32, chips_per_tile=2,
+                batch_size=2, max_epochs=2, num_workers=0, out_dir=str(tmp_path / "run"), save_interval=1,
+                log_interval=2)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+class Recording(Trainer):
+    """Trainer that remembers the lr and chips of every step."""
+
+    def train_step(self, batch):
+        self.seen = getattr(self, "seen", [])
+        terms, lr = super().train_step(batch)
+        self.seen.append((lr, batch.chips.tolist(), float(terms.total.detach())))
+        return terms, lr
+
+
+def cli_error(capsys, argv):
+    code = run_cli(train.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    return err[-1]
+
+
+def test_cli_trains_sample_and_writes_checkpoints(tmp_path, four_tiles, capsys):
+    save = tmp_path / "run"
+    argv = ["--dataset", "sample", "--list_dir", four_tiles, "--model_config", "tiny", "--chip_size", "32",
+            "--chips_per_tile", "2", "--max_epochs", "3", "--save_interval", "2", "--num_workers", "2",
+            "--savepath", str(save), "--device", "cpu", "--amp"]
+    assert run_cli(train.main, argv) == 0
+    err = capsys.readouterr().err
+    assert "--amp needs CUDA" in err
+    assert sorted(os.listdir(save)) == ["epoch_0.pth", "epoch_2.pth", "last.pth", "tensorboard", "train.log"]
+    payload = read_checkpoint(str(save / "last.pth"))
+    assert payload["epoch"] == 2 and payload["step"] == 3 * 4 and payload["total_steps"] == 12
+    assert payload["dataset"]["name"] == "sample" and payload["model_config"]["img_size"] == 32
+    assert payload["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert payload["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
+    model = load_model(str(save / "epoch_2.pth"))
+    assert model.config.l2hnet.width == 8 and model.config.num_classes == 5
+    log = (save / "train.log").read_text()
+    assert "epoch 3/3: loss" in log and "poly horizon 12 steps" in log
+    assert os.listdir(save / "tensorboard")
+    # A second run in the same folder must not overwrite it silently.
+    message = cli_error(capsys, argv)
+    assert "last.pth" in message and "--resume" in message
+
+
+def test_schedule_is_poly_over_true_optimizer_steps(tmp_path, four_tiles):
+    trainer = Recording(options(tmp_path, four_tiles, max_epochs=2, batch_size=4, chips_per_tile=3))
+    summary = trainer.fit()
+    total = trainer.total_steps
+    assert total == 2 * 3  # 4 tiles x 3 chips = 12 chips = 3 batches of 4 per epoch
+    lrs = [lr for lr, _, _ in trainer.seen]
+    assert lrs == [poly_lr(0.01, t, total) for t in range(total)]
+    assert lrs[0] == 0.01 and lrs[-1] < 0.01 * (1 / total) ** 0.9 + 1e-12
+    assert summary["step"] == total
+    # Every tile is visited once per epoch, chips differ between epochs.
+    per_epoch = [sorted(c for _, chips, _ in trainer.seen[e * 3:(e + 1) * 3] for c in chips) for e in range(2)]
+    assert [sorted({c[0] for c in chips}) for chips in per_epoch] == [[0, 1, 2, 3]] * 2
+    assert per_epoch[0] != per_epoch[1]
+
+
+def test_published_lr_scaling_is_applied(tmp_path, four_tiles):
+    trainer = Trainer(options(tmp_path, four_tiles, batch_size=6, chips_per_tile=3, max_epochs=1))
+    trainer.close()
+    assert trainer.base_lr == pytest.approx(0.01 * 6 / 24)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, four_tiles):
+    full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2))
+    full.fit()
+    first = str(tmp_path / "a" / "run" / "epoch_0.pth")
+    resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first))
+    assert resumed.start_epoch == 1 and resumed.step == 4
+    resumed.fit()
+    assert resumed.seen == full.seen[4:]  # same lr, same chips, same loss at every step
+    a = read_checkpoint(str(tmp_path / "a" / "run" / "last.pth"))
+    b = read_checkpoint(str(tmp_path / "b" / "run" / "last.pth"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
+    Trainer(options(tmp_path, four_tiles, max_epochs=1)).fit()
+    last = str(tmp_path / "run" / "last.pth")
+    argv = ["--dataset", "sample", "--list_dir", four_tiles, "--model_config", "tiny", "--chip_size", "32",
+            "--chips_per_tile", "2", "--max_epochs", "1", "--num_workers", "0", "--out_dir", str(tmp_path / "run"),
+            "--resume", last]
+    assert run_cli(train.main, argv) == 0  # finished run: nothing left to do
+    message = cli_error(capsys, argv[:-2] + ["--batch_size", "4", "--resume", last])
+    assert "--batch_size 4" in message and last in message
+    message = cli_error(capsys, argv[:-2] + ["--CNN_width", "16", "--resume", last])
+    assert "model config" in message
+    model_only = str(tmp_path / "model_only.pth")
+    payload = read_checkpoint(last)
+    torch.save({k: payload[k] for k in ("format", "version", "model_config", "dataset", "state_dict")}, model_only)
+    message = cli_error(capsys, argv[:-2] + ["--resume", model_only])
+    assert "not a training checkpoint" in message
+
+
+def test_aux_loss_and_validation(tmp_path, four_tiles):
+    entries = read_list(SAMPLE_LIST)
+    val = write_list(tmp_path / "val.csv", [(entries[5].image, "", entries[5].hr_label)])
+    trainer = Trainer(options(tmp_path, four_tiles, max_epochs=1, aux_loss=True, chip_size=64, val_list=val))
+    summary = trainer.fit()
+    stats = summary["epochs"][0]
+    assert stats["loss_aux"] > 0
+    assert 0 <= stats["val_overall_accuracy"] <= 1 and 0 <= stats["val_mean_iou"] <= 1
+    payload = read_checkpoint(str(tmp_path / "run" / "last.pth"))
+    assert any(k.startswith("auxiliary_head.") for k in payload["state_dict"])
+    assert os.path.isfile(tmp_path / "run" / "val" / os.listdir(tmp_path / "run" / "val")[0])
+
+
+def test_pretrained_blocks_are_loaded(tmp_path, four_tiles):
+    from networks import build_model, get_tiny_config
+
+    config = get_tiny_config()
+    donor = build_model(config)
+    blocks = {k[len("backbone."):]: v + 1.0 for k, v in donor.state_dict().items() if k.startswith("backbone.blocks.")}
+    path = str(tmp_path / "deit.pth")
+    torch.save({"model": {**blocks, "cls_token": torch.zeros(1, 1, 24)}}, path)
+    trainer = Trainer(options(tmp_path, four_tiles, pretrained=path))
+    trainer.close()
+    state = trainer.model.state_dict()
+    for key, value in blocks.items():
+        assert torch.equal(state["backbone." + key], value)
+
+
+# ---------------------------------------------------------------------------- pinned behaviour
+
+
+def test_optimizer_steps_at_the_poly_lr(tmp_path, four_tiles):
+    """The lr the optimiser holds when it steps (not only the one train_step reports) follows the
+    poly schedule of the scaled base lr, and the checkpoint keeps the lr of the last step."""
+    trainer = Trainer(options(tmp_path, four_tiles, max_epochs=2, batch_size=6, chips_per_tile=3))
+    optimizer = trainer.optimizer
+    step, seen = optimizer.step, []
+
+    def spying_step(*args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    optimizer.step = spying_step
+    trainer.fit()
+    base, total = 0.01 * 6 / 24, 4  # batch 6: published scaling; 12 chips = 2 batches per epoch
+    assert trainer.total_steps == total and len(optimizer.param_groups) == 1
+    assert seen == [[pytest.approx(poly_lr(base, t, total), rel=1e-12)] for t in range(total)]
+    assert seen[0][0] != 0.01 and seen[-1][0] < seen[0][0]  # neither the SGD default nor constant
+    payload = read_checkpoint(str(tmp_path / "run" / "last.pth"))
+    assert payload["optimizer"]["param_groups"][0]["lr"] == pytest.approx(poly_lr(base, total - 1, total), rel=1e-12)
+
+
+class LossCapture(Trainer):
+    """Trainer that keeps, for every step, the model's own outputs, the labels and the loss terms."""
+
+    def train_step(self, batch):
+        self.captured = getattr(self, "captured", [])
+        outputs = []
+        hook = self.model.register_forward_hook(
+            lambda module, args, out: outputs.append(tuple(o.detach().clone() for o in out)))
+        try:
+            terms, lr = super().train_step(batch)
+        finally:
+            hook.remove()
+        self.captured.append((outputs, batch.label.long().clone(), terms))
+        return terms, lr
+
+
+def test_loss_terms_use_the_model_output_order(tmp_path, four_tiles):
+    """The model returns (vit, cnn): the CNN term is the CE of the CNN logits on every labelled
+    pixel, the ViT term the CE of the ViT logits where argmax(cnn) equals the label."""
+    trainer = LossCapture(options(tmp_path, four_tiles, max_epochs=1))
+    trainer.fit()
+    partial_agreement = False
+    for outputs, label, terms in trainer.captured:
+        assert len(outputs) == 1  # one forward pass per step
+        vit, cnn = outputs[0]
+        labelled = label != 0
+        agree = labelled & (cnn.argmax(dim=1) == label)
+        cnn_ce = torch.nn.functional.cross_entropy(cnn, label, reduction="none")
+        vit_ce = torch.nn.functional.cross_entropy(vit, label, reduction="none")
+        expected_cnn = cnn_ce[labelled].mean().item()
+        expected_vit = vit_ce[agree].mean().item() if agree.any() else 0.0
+        assert terms.cnn.item() == pytest.approx(expected_cnn, rel=1e-5)
+        assert terms.vit.item() == pytest.approx(expected_vit, rel=1e-5, abs=1e-7)
+        assert terms.total.item() == pytest.approx(0.5 * expected_cnn + 0.5 * expected_vit, rel=1e-5)
+        partial_agreement |= 0 < int(agree.sum()) < int(labelled.sum())
+    assert partial_agreement  # the agreement mask really selects a part of the labelled pixels
+
+
+def test_validation_maps_with_half_chip_stride(tmp_path, four_tiles, monkeypatch):
+    """The val map equals an independent mapping of the same weights at stride chip/2."""
+    import training.validation as validation_module
+    from mapping.writer import map_tile, output_name
+
+    calls = []
+
+    def spying_map_tile(*args, **kwargs):
+        calls.append(kwargs)
+        return map_tile(*args, **kwargs)
+
+    monkeypatch.setattr(validation_module, "map_tile", spying_map_tile)
+    entry = read_list(SAMPLE_LIST)[5]
+    val = write_list(tmp_path / "val.csv", [(entry.image, "", entry.hr_label)])
+    trainer = Trainer(options(tmp_path, four_tiles, max_epochs=1, chip_size=64, val_list=val))
+    trainer.fit()  # validation runs after the last epoch, with the final weights
+    assert [(c["chip_size"], c["stride"]) for c in calls] == [(64, 32)]
+    maps = {}
+    for stride in (32, 64):
+        out = map_tile(trainer.model, entry.image, str(tmp_path / f"stride{stride}.tif"), dataset=trainer.dataset,
+                       chip_size=64, stride=stride, device=trainer.device)
+        with rasterio.open(out) as src:
+            maps[stride] = src.read(1)
+    with rasterio.open(tmp_path / "run" / "val" / output_name(entry.image)) as src:
+        val_map = src.read(1)
+    np.testing.assert_array_equal(val_map, maps[32])
+    assert not np.array_equal(val_map, maps[64])  # the comparison can tell the two strides apart
+
+
+def test_epoch_seed_differs_by_epoch_and_rank():
+    seeds = {(epoch, rank): epoch_seed(1234, epoch, rank) for epoch in range(5) for rank in range(4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= s < 2**62 for s in seeds.values())
+    assert epoch_seed(1234, 3, 1) == seeds[3, 1]  # a pure function of (seed, epoch, rank)
+    assert epoch_seed(1235, 0, 0) != seeds[0, 0]
+
+
+class EpochRng(Trainer):
+    """Trainer that records the global torch RNG state (dropout's) at the first step of every epoch."""
+
+    def train_epoch(self, epoch):
+        self.rng_states = getattr(self, "rng_states", {})
+        self._epoch = epoch
+        return super().train_epoch(epoch)
+
+    def train_step(self, batch):
+        self.rng_states.setdefault(self._epoch, torch.random.get_rng_state().clone())
+        return super().train_step(batch)
+
+
+def test_dropout_rng_is_reseeded_per_epoch(tmp_path, four_tiles):
+    """Each epoch draws other dropout masks; a repeated or resumed run draws the same ones."""
+    full = EpochRng(options(tmp_path / "a", four_tiles, max_epochs=2))
+    full.fit()
+    assert sorted(full.rng_states) == [0, 1]
+    assert not torch.equal(full.rng_states[0], full.rng_states[1])
+    again = EpochRng(options(tmp_path / "b", four_tiles, max_epochs=1))
+    again.fit()
+    assert torch.equal(again.rng_states[0], full.rng_states[0])
+    resumed = EpochRng(options(tmp_path / "c", four_tiles, max_epochs=2,
+                               resume=str(tmp_path / "a" / "run" / "epoch_0.pth")))
+    resumed.fit()
+    assert sorted(resumed.rng_states) == [1]
+    assert torch.equal(resumed.rng_states[1], full.rng_states[1])
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_tiles(tmp_path_factory):
+    """Rasters with one fault each, next to a good tile."""
+    folder = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 255, (4, 64, 64), dtype=np.uint8)
+    label = np.full((64, 64), 41, dtype=np.uint8)
+    paths = {
+        "image": write_geotiff(str(folder / "img.tif"), image),
+        "label": write_geotiff(str(folder / "lab.tif"), label),
+        "small_label": write_geotiff(str(folder / "lab_small.tif"), label[:48]),
+        "three_band": write_geotiff(str(folder / "img3.tif"), image[:3]),
+        "bad_codes": write_geotiff(str(folder / "lab_codes.tif"), np.where(label > 0, 7, 0).astype(np.uint8)),
+        "nodata": write_geotiff(str(folder / "lab_nodata.tif"), np.zeros((64, 64), np.uint8)),
+        "small_image": write_geotiff(str(folder / "img_small.tif"), image[:, :16, :16]),
+        "small_image_label": write_geotiff(str(folder / "lab_small16.tif"), label[:16, :16]),
+    }
+    corrupt = folder / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00" + b"\x17" * 300)
+    paths["corrupt"] = str(corrupt)
+    truncated = folder / "truncated.tif"
+    big = write_geotiff(str(folder / "big.tif"), rng.integers(1, 255, (4, 512, 512), dtype=np.uint8))
+    truncated.write_bytes(open(big, "rb").read()[:400_000])
+    paths["truncated"] = str(truncated)
+    paths["big_label"] = write_geotiff(str(folder / "big_lab.tif"), np.full((512, 512), 41, np.uint8))
+    return paths
+
+
+def run_bad(capsys, tmp_path, rows=None, columns=("image_fn", "label_fn"), extra=()):
+    argv = ["--dataset", "sample", "--model_config", "tiny", "--chip_size", "32", "--chips_per_tile", "2",
+            "--max_epochs", "1", "--num_workers", "0", "--out_dir", str(tmp_path / "run")]
+    if rows is not None:
+        argv += ["--list_dir", write_list(tmp_path / "list.csv", rows, columns)]
+    return cli_error(capsys, argv + list(extra))
+
+
+@pytest.mark.parametrize("case,rows,expect", [
+    ("missing tile", [("img.tif", "nowhere.tif")], ["nowhere.tif", "not found"]),
+    ("corrupt image", [("corrupt.tif", "lab.tif")], ["corrupt.tif", "cannot open image"]),
+    ("truncated image", [("truncated.tif", "big_lab.tif")], ["truncated.tif", "cannot read"]),
+    ("size mismatch", [("img.tif", "lab_small.tif")], ["lab_small.tif", "differs from"]),
+    ("band count", [("img3.tif", "lab.tif")], ["img3.tif", "3 bands", "expects 4"]),
+    ("unknown codes", [("img.tif", "lab_codes.tif")], ["lab_codes.tif", "[7]"]),
+    ("all no-data", [("img.tif", "lab_nodata.tif")], ["no valid 32 chip"]),
+    ("all too small", [("img_small.tif", "lab_small16.tif")], ["no tile is at least 32x32"]),
+])
+def test_bad_tiles_fail_with_one_line(capsys, tmp_path, bad_tiles, case, rows, expect):
+    folder = os.path.dirname(bad_tiles["image"])
+    rows = [tuple(os.path.join(folder, p) for p in row) for row in rows]
+    message = run_bad(capsys, tmp_path, rows)
+    assert message.startswith("error: ")
+    for part in expect:
+        assert part in message, (case, message)
+
+
+def test_bad_lists_and_values(capsys, tmp_path, bad_tiles):
+    good = [(bad_tiles["image"], bad_tiles["label"])]
+    assert "missing columns ['label_fn']" in run_bad(capsys, tmp_path, [(bad_tiles["image"],)], ("image_fn",))
+    assert "has no tiles" in run_bad(capsys, tmp_path, [])
+    missing = str(tmp_path / "none.csv")
+    assert missing in run_bad(capsys, tmp_path, extra=["--list_dir", missing])
+    assert "unknown dataset 'nope'" in run_bad(capsys, tmp_path, good, extra=["--dataset", "nope"])
+    assert "--batch_size 1" in run_bad(capsys, tmp_path, good, extra=["--batch_size", "1"])
+    assert "--chip_size 100" in run_bad(capsys, tmp_path, good, extra=["--chip_size", "100"])
+    assert "--CNN_width 30" in run_bad(capsys, tmp_path, good, extra=["--model_config", "vcnet", "--CNN_width", "30"])
+    assert "cannot fill a batch" in run_bad(capsys, tmp_path, good, extra=["--chips_per_tile", "1"])
+    resume = str(tmp_path / "no.pth")
+    assert resume in run_bad(capsys, tmp_path, good, extra=["--resume", resume])
+    pretrained = str(tmp_path / "deit.pth")
+    assert pretrained in run_bad(capsys, tmp_path, good, extra=["--pretrained", pretrained])
+    no_hr = write_list(tmp_path / "val.csv", good, ("image_fn", "label_fn"))
+    assert "hr_label_fn" in run_bad(capsys, tmp_path, good, extra=["--val_list", no_hr])
+
+
+def test_small_tiles_are_reported_once_and_skipped(tmp_path, bad_tiles, four_tiles):
+    rows = [(bad_tiles["small_image"], bad_tiles["small_image_label"])]
+    rows += [tuple(r[:2]) for r in csv.reader(open(four_tiles))][1:]
+    trainer = Trainer(options(tmp_path, write_list(tmp_path / "mixed.csv", rows, ("image_fn", "label_fn")),
+                              max_epochs=1))
+    assert len(trainer.entries) == 4
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("img_small.tif: tile 16x16 is smaller than a 32 chip; skipped") == 1
+    trainer.close()
+

@@ -1,1 +1,0 @@
-"""Tile I/O, chip sampling and sliding-window mapping for large GeoTIFFs."""

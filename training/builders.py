@@ -1,0 +1,128 @@
+"""Everything a training run builds before its first step: checked tile lists, model, optimiser, data.
+
+Each builder does its checks up front, so bad input fails before the first step with one line
+that names the file or option.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import networks
+from dataset import DatasetDefinition, TileEntry
+from dataset.checks import check_entries, raise_problems
+from dataset.errors import InputError
+from dataset.raster_io import open_raster
+from networks import load_deit_weights
+from networks.config import get_config
+from training.chips import ChipStream
+from training.distributed import DistributedContext
+from training.logger import RunLogger
+from training.options import TrainOptions
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+
+
+def check_tiles(entries: list[TileEntry], dataset: DatasetDefinition, where: str, *, check_hr: bool,
+                scan_codes: bool, ctx: DistributedContext, log: RunLogger) -> None:
+    """Check every tile (shared out over ranks) and raise one InputError listing the problems."""
+    def progress(rows):
+        return tqdm(rows, desc=f"checking {where}", unit="tile", disable=not ctx.is_main, leave=False)
+
+    problems = check_entries(ctx.my_share(entries), dataset, check_hr=check_hr, scan_codes=scan_codes,
+                             progress=progress)
+    problems = ctx.gather_lists(problems)
+    for problem in problems[1:]:
+        log.error(problem)
+    raise_problems(problems, where)
+
+
+def training_tiles(options: TrainOptions, dataset: DatasetDefinition, ctx: DistributedContext,
+                   log: RunLogger) -> tuple[str, list[TileEntry]]:
+    """``(list path, usable tiles)``: the checked list, without tiles smaller than a chip (reported)."""
+    list_path, entries = options.read_list(dataset, required=("image_fn", "label_fn"))
+    check_tiles(entries, dataset, list_path, check_hr=False, scan_codes=not options.skip_label_scan, ctx=ctx,
+                log=log)
+    usable = []
+    for entry in entries:
+        with open_raster(entry.image, "image") as src:
+            if min(src.height, src.width) >= options.chip_size:
+                usable.append(entry)
+            elif ctx.is_main:  # every rank reads the whole list; one report is enough
+                log.warning(f"{entry.image}: tile {src.width}x{src.height} is smaller than a "
+                            f"{options.chip_size} chip; skipped")
+    if not usable:
+        raise InputError(f"{list_path}: no tile is at least {options.chip_size}x{options.chip_size} "
+                         "pixels (lower --chip_size)")
+    return list_path, usable
+
+
+def validation_tiles(options: TrainOptions, dataset: DatasetDefinition, ctx: DistributedContext,
+                     log: RunLogger) -> list[TileEntry]:
+    """The checked ``--val_list`` tiles with their HR references (empty without ``--val_list``)."""
+    if not options.val_list:
+        return []
+    if dataset.hr_label is None:
+        raise InputError(f"--val_list: dataset {dataset.name!r} has no HR reference table (hr_label)")
+    _, entries = options.read_list(dataset, ("image_fn", "hr_label_fn"), path=options.val_list)
+    check_tiles(entries, dataset, options.val_list, check_hr=True, scan_codes=not options.skip_label_scan, ctx=ctx,
+                log=log)
+    return entries
+
+
+def model_config(options: TrainOptions, dataset: DatasetDefinition) -> Any:
+    """``--model_config`` with ``--CNN_width``, the dataset's bands and classes, the chip and aux head."""
+    config = get_config(options.model_config)
+    if options.CNN_width is not None:
+        groups = config.l2hnet.gn_groups
+        if options.CNN_width % groups:
+            raise InputError(f"--CNN_width {options.CNN_width}: must be a multiple of {groups} "
+                             "(64 light, 128 normal)")
+        config.l2hnet.width = options.CNN_width
+    config.in_channels = dataset.num_bands
+    config.num_classes = dataset.num_classes
+    config.img_size = options.chip_size
+    config.aux_head.enabled = options.aux_loss
+    return config
+
+
+def model(options: TrainOptions, config: Any, ctx: DistributedContext, log: RunLogger,
+          resume_from: dict[str, Any] | None) -> torch.nn.Module:
+    """Seeded initialisation, DeiT-tiny blocks if ``--pretrained``, the resumed weights, SyncBN and DDP."""
+    torch.manual_seed(options.seed)
+    built = networks.build_model(config)
+    if options.pretrained and resume_from is None:
+        report = load_deit_weights(built, options.pretrained)
+        log.info(f"pretrained: {len(report['loaded'])} tensors from {options.pretrained}, "
+                 f"{len(report['skipped'])} unused")
+    elif options.pretrained:
+        log.warning("--pretrained ignored: the weights come from --resume")
+    if resume_from is not None:
+        built.load_state_dict(resume_from["state_dict"])
+    return ctx.wrap(built.to(ctx.device))
+
+
+def optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    """SGD over all parameters, one group (spec 6.5); the lr is set before every step."""
+    return torch.optim.SGD(model.parameters(), lr=options.base_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+def chip_loader(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
+                ctx: DistributedContext) -> tuple[ChipStream, torch.utils.data.DataLoader]:
+    """The chip stream of this rank and its loader (batches are made by the stream)."""
+    stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=options.chips_per_tile,
+                        batch_size=options.batch_size, seed=options.seed, rank=ctx.rank, world_size=ctx.world_size,
+                        retries=options.chip_retries)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=options.num_workers,
+                                         pin_memory=ctx.device.type == "cuda")
+    return stream, loader
+
+
+def tile_names(entries: list[TileEntry]) -> list[str]:
+    """What a checkpoint records of its tiles (a resumed run must have the same)."""
+    return [os.path.basename(e.image) for e in entries]

@@ -1,0 +1,75 @@
+"""Settings of a training run (``train.py``), each declared once with its default, help and check.
+
+A checkpoint stores them (``train_args``); a resumed run must repeat the :data:`SCHEDULE_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from dataset.errors import InputError
+from dataset.options import TileListOptions, at_least, multiple_of, option, override, positive_number
+from networks.config import CONFIG_NAMES, SIZE_MULTIPLE
+from runtime.device import DeviceOptions
+
+#: Options that define the data, the model and the schedule: a resumed run must use the same.
+#: (The model config is compared as a whole.)
+SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainOptions(DeviceOptions, TileListOptions):
+    """Every setting of a training run."""
+
+    dataset: str | None = override("Chesapeake")
+    chip_size: int = option(224, "training chip side in pixels, a multiple of 32", group="data",
+                            check=multiple_of(SIZE_MULTIPLE))
+    chips_per_tile: int = option(50, "random chip positions drawn per tile per epoch", group="data",
+                                 check=at_least(1))
+    chip_retries: int = option(0, "extra draws in place of a chip with no-data; 0 skips it as published",
+                               group="data", check=at_least(0))
+    num_workers: int = option(
+        help="data loader processes per training process (default: 8 as published, at most the number of CPUs)",
+        default_factory=lambda: min(8, os.cpu_count() or 1), group="data", check=at_least(0))
+    skip_label_scan: bool = option(False, "do not read every label up front to check its codes (they are still "
+                                          "checked chip by chip)", group="data")
+
+    max_epochs: int = option(100, "epochs", group="optimisation", check=at_least(1))
+    batch_size: int = option(2, "chips per optimiser step per process, at least 2 (BatchNorm needs two samples)",
+                             group="optimisation", check=at_least(2))
+    base_lr: float = option(0.01, "SGD learning rate before the poly decay; multiplied by batch/24 when the batch "
+                                  "is a multiple of 6 other than 24, as published", group="optimisation",
+                            check=positive_number)
+    seed: int = option(1234, "seed of every random draw", group="optimisation", check=at_least(0))
+    aux_loss: bool = option(False, "add the auxiliary FCN head and its loss (weight 0.4); off as published",
+                            group="optimisation")
+
+    model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
+                                        "smoke runs)", choices=CONFIG_NAMES, group="model")
+    CNN_width: int | None = option(None, "L2HNet width: 64 light (published) or 128 normal", group="model",
+                                   check=at_least(1), none_means="the --model_config's, 64 for vcnet")
+    pretrained: str | None = option(None, "DeiT-tiny checkpoint (deit_tiny_patch16_224-a1311bcf.pth) for the 12 "
+                                          "transformer blocks", group="model", none_means="random initialisation")
+
+    out_dir: str = option("runs/vcnet", "folder for checkpoints, train.log and tensorboard/", aliases=("--savepath",),
+                          group="run")
+    save_interval: int = option(20, "write epoch_N.pth every this many epochs from the first, and after the last; "
+                                    "last.pth is written every epoch", group="run", check=at_least(1))
+    resume: str | None = option(None, "continue from a training checkpoint (OUT_DIR/last.pth) with the same "
+                                      "settings", group="run")
+    overwrite: bool = option(False, "start afresh in an OUT_DIR that holds a run", group="run")
+    deterministic: bool = option(False, "deterministic algorithms, cuDNN benchmark off (slower; published: off)",
+                                 group="run")
+    log_interval: int = option(10, "steps between TensorBoard points and progress-bar updates", group="run",
+                               check=at_least(1))
+
+    val_list: str | None = option(None, "CSV with image_fn,hr_label_fn: map these tiles and log OA / mIoU against "
+                                        "the HR reference every --val_interval epochs and after the last",
+                                  group="validation (optional)")
+    val_interval: int = option(10, "epochs between validations", group="validation (optional)", check=at_least(1))
+
+    def check(self) -> None:
+        if self.model_config not in CONFIG_NAMES:
+            raise InputError(f"--model_config {self.model_config!r}: choose one of {list(CONFIG_NAMES)}")
+        super().check()
