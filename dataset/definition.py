@@ -118,6 +118,10 @@ class DatasetDefinition:
         list_root: how relative paths inside the list resolve: "csv" (the CSV's folder) or
             "repo" (the repository root, as in the published lists).
         description: free text.
+        lr_mixes: optional expected class mix inside one LR pixel of each raw LR code (code ->
+            share per model class, summing to 1), for training recipes that match the predicted
+            mix of an LR pixel instead of its majority class (``--label_loss mix``). Written from
+            the LR product's own class definitions, never from HR reference data.
     """
 
     name: str
@@ -134,6 +138,7 @@ class DatasetDefinition:
     list_root: str = "csv"
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    lr_mixes: Mapping[int, tuple[float, ...]] | None = None
 
     @property
     def num_bands(self) -> int:
@@ -147,6 +152,18 @@ class DatasetDefinition:
     @property
     def eval_names(self) -> tuple[str, ...]:
         return self.eval_class_names or self.class_names
+
+    def mix_table(self) -> np.ndarray:
+        """float32 ``(codes, classes)``: row ``c`` is the class mix of raw LR code ``c``; a code without
+        a mix gets all of its lookup class; no-data and unknown codes get an all-zero row."""
+        size = max(max(self.lr_label.lookup), max(self.lr_label.nodata, default=0)) + 1
+        table = np.zeros((size, self.num_classes), dtype=np.float32)
+        for code, index in self.lr_label.lookup.items():
+            if index > 0:
+                table[code, index] = 1.0
+        for code, mix in (self.lr_mixes or {}).items():
+            table[code] = mix
+        return table
 
     def colormap(self) -> dict[int, tuple[int, int, int, int]]:
         """Palette for GeoTIFF band 1: class index -> RGBA."""
@@ -180,6 +197,8 @@ class DatasetDefinition:
             "list": self.list_path,
             "list_root": self.list_root,
             "extra": dict(self.extra),
+            **({"lr_mixes": {str(code): {name: share for name, share in zip(self.class_names, mix) if share}
+                             for code, mix in sorted(self.lr_mixes.items())}} if self.lr_mixes else {}),
         }
 
     @classmethod
@@ -237,7 +256,30 @@ class DatasetDefinition:
             list_root=list_root,
             description=str(data.get("description", "")),
             extra=dict(data.get("extra") or {}),
+            lr_mixes=_read_mixes(data.get("lr_mixes"), names, lr, where),
         )
+
+
+def _read_mixes(data: Any, names: tuple[str, ...], table: LabelTable,
+                where: str) -> dict[int, tuple[float, ...]] | None:
+    """``{"21": {"low vegetation": 0.6, ...}}`` -> ``{21: (0, 0, 0.3, 0.6, 0.1)}``, checked."""
+    if not data:
+        return None
+    mixes = {}
+    for code, shares in dict(data).items():
+        try:
+            code_value = int(code)
+            shares = {str(k): float(v) for k, v in dict(shares).items()}
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: lr_mixes[{code!r}] must map class names to shares") from None
+        if code_value not in table.lookup:
+            raise InputError(f"{where}: lr_mixes has code {code_value}, which the lr_label table does not know")
+        unknown = sorted(set(shares) - set(names[1:]))
+        if unknown or any(v < 0 for v in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise InputError(f"{where}: lr_mixes[{code_value}] must give non-negative shares of the classes "
+                             f"{list(names[1:])} that sum to 1 (got {shares})")
+        mixes[code_value] = tuple(shares.get(name, 0.0) for name in names)
+    return mixes
 
 
 def available_datasets() -> list[str]:

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+# The repository root on sys.path, so that tests import the project's packages from any folder.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
-from tests.helpers import SAMPLE_LIST  # noqa: E402
+from tests.helpers import REPO_ROOT, SAMPLE_LIST  # noqa: E402
 
 
 @pytest.fixture(scope="session")

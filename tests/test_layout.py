@@ -66,14 +66,19 @@ REQUIRED = {
 }
 
 
+def _required_names(cls):
+    return {f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+
 @pytest.mark.parametrize("cls", CLIS, ids=lambda c: c.__name__)
 def test_parser_is_generated_from_the_options(cls):
     argv = REQUIRED.get(cls, [])
     parsed = parse_options(cls, argv)
+    built = cls(**{name: getattr(parsed, name) for name in _required_names(cls)})
     for f in dataclasses.fields(cls):
         if f"--{f.name}" not in argv:  # not given: the dataclass default
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            assert getattr(parsed, f.name) == default, f.name
+            assert getattr(parsed, f.name) == getattr(built, f.name), f.name
     parser = add_options(argparse.ArgumentParser(), cls)
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     assert set(flags) == {f.name for f in dataclasses.fields(cls)}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import networks
 from dataset import DatasetDefinition, TileEntry
-from dataset.checks import check_entries, raise_problems
+from dataset.checks import check_entries, label_histogram, raise_problems
 from dataset.errors import InputError
 from dataset.raster_io import open_raster
 from networks import load_deit_weights
@@ -22,6 +23,7 @@ from networks.config import get_config
 from training.chips import ChipStream
 from training.distributed import DistributedContext
 from training.logger import RunLogger
+from training.losses import RecipeLoss
 from training.options import TrainOptions
 
 MOMENTUM = 0.9
@@ -112,12 +114,58 @@ def optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=options.base_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
+def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEntry], device: torch.device,
+         log: RunLogger) -> RecipeLoss:
+    """The recipe's loss; ``--label_loss mix`` needs the dataset's ``lr_mixes``; ``--class_balance`` reads
+    the LR label histograms of ``entries``."""
+    mix_table = None
+    if options.label_loss == "mix":
+        if not dataset.lr_mixes:
+            raise InputError(f"--label_loss mix: dataset {dataset.name!r} gives no lr_mixes (the class mix of each "
+                             "LR code; see docs/training.md)")
+        mix_table = torch.from_numpy(dataset.mix_table()).to(device)
+    weights = None
+    if options.class_balance:
+        table = dataset.mix_table() if options.label_loss == "mix" else _lookup_table(dataset)
+        weights = torch.from_numpy(class_weights(entries, dataset, table, options.class_balance)).to(device)
+        log.info(f"class weights (--class_balance {options.class_balance:g}): "
+                 + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
+    return RecipeLoss(options.label_loss, mix_table=mix_table, mix_cell=options.mix_cell,
+                      entropy_weight=options.entropy_weight, class_weights=weights)
+
+
+def _lookup_table(dataset: DatasetDefinition) -> np.ndarray:
+    """One-hot ``(codes, classes)`` rows of the LR lookup (what hard labels train on)."""
+    table = np.zeros_like(dataset.mix_table())
+    for code, index in dataset.lr_label.lookup.items():
+        if index > 0:
+            table[code, index] = 1.0
+    return table
+
+
+def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: np.ndarray, power: float) -> np.ndarray:
+    """``(classes,)`` float32 weights ``share ** -power`` from the LR label histograms of ``entries``
+    (each code counted as its ``table`` row), scaled so the average training pixel weighs 1; classes
+    that never occur weigh 0."""
+    counts = np.zeros(table.shape[0], dtype=np.float64)
+    for entry in entries:
+        with open_raster(entry.label, "label") as src:
+            codes, n = label_histogram(src)
+        inside = codes < table.shape[0]
+        np.add.at(counts, codes[inside].astype(np.int64), n[inside])
+    share = counts @ table.astype(np.float64)
+    share = share / max(share.sum(), 1.0)
+    weights = np.where(share > 0, np.power(np.maximum(share, 1e-12), -power), 0.0)
+    weights /= max(float((share * weights).sum()), 1e-12)
+    return weights.astype(np.float32)
+
+
 def chip_loader(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
                 ctx: DistributedContext) -> tuple[ChipStream, torch.utils.data.DataLoader]:
     """The chip stream of this rank and its loader (batches are made by the stream)."""
     stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=options.chips_per_tile,
                         batch_size=options.batch_size, seed=options.seed, rank=ctx.rank, world_size=ctx.world_size,
-                        retries=options.chip_retries)
+                        retries=options.chip_retries, with_codes=options.label_loss == "mix")
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                                          pin_memory=ctx.device.type == "cuda")
     return stream, loader

@@ -47,6 +47,7 @@ class ChipBatch(NamedTuple):
     label: torch.Tensor
     chips: torch.Tensor
     skipped: int
+    codes: torch.Tensor | None = None  # raw LR codes (int32), when the stream was asked for them
 
 
 class TileNotice(NamedTuple):
@@ -91,12 +92,13 @@ class ChipStream(torch.utils.data.IterableDataset):
         seed: base seed of every random draw.
         rank, world_size: this process among the distributed ones.
         retries: extra positions drawn in place of an invalid chip (0 = published behaviour).
+        with_codes: also yield the raw LR codes of each chip (for ``--label_loss mix``).
         min_batch: smallest last batch a worker emits.
     """
 
     def __init__(self, entries: Sequence[TileEntry], dataset: DatasetDefinition, *, chip_size: int,
                  chips_per_tile: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 retries: int = 0, min_batch: int = 2) -> None:
+                 retries: int = 0, min_batch: int = 2, with_codes: bool = False) -> None:
         super().__init__()
         if batch_size < min_batch:
             raise ValueError(f"batch_size {batch_size} is below the smallest batch {min_batch}")
@@ -110,6 +112,7 @@ class ChipStream(torch.utils.data.IterableDataset):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.retries = int(retries)
+        self.with_codes = bool(with_codes)
         self.min_batch = int(min_batch)
         self.epoch = 0
 
@@ -125,7 +128,7 @@ class ChipStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[StreamItem]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        pending: list[tuple[np.ndarray, np.ndarray, tuple[int, int, int]]] = []
+        pending: list[tuple[np.ndarray, np.ndarray, tuple[int, int, int], np.ndarray]] = []
         skipped = 0
         for index in self.my_tiles(worker, num_workers):
             try:
@@ -178,14 +181,14 @@ class ChipStream(torch.utils.data.IterableDataset):
                 if chip is None:
                     skipped += 1
                     continue
-                image, label = chip
-                chips.append((image, label, (index, int(row), int(col))))
+                image, label, raw = chip
+                chips.append((image, label, (index, int(row), int(col)), raw))
         notice = None
         if not chips and self.chips_per_tile > 0:
             notice = f"{entry.image}: no valid chip (no-data label or all-zero pixels) in epoch {self.epoch}; skipped"
         return chips, skipped, notice
 
-    def _read_chip(self, image_src, label_src, row: int, col: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _read_chip(self, image_src, label_src, row: int, col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         window = Window(col, row, self.chip_size, self.chip_size)
         raw = read_window(label_src, window, bands=[1])[0]
         if not chip_is_valid(raw, None, self.nodata):
@@ -195,16 +198,16 @@ class ChipStream(torch.utils.data.IterableDataset):
             return None
         if image.dtype.name not in TORCH_PIXEL_TYPES:
             image = image.astype(np.float32)
-        return image, self.table.map(raw, source=label_src.name)
+        return image, self.table.map(raw, source=label_src.name), raw
 
-    @staticmethod
-    def collate(chips: list, skipped: int) -> ChipBatch:
+    def collate(self, chips: list, skipped: int) -> ChipBatch:
         """Stack chips into a :class:`ChipBatch`."""
         return ChipBatch(
             image=torch.from_numpy(np.stack([c[0] for c in chips])),
             label=torch.from_numpy(np.stack([c[1] for c in chips])),
             chips=torch.tensor([c[2] for c in chips], dtype=torch.int64),
             skipped=int(skipped),
+            codes=torch.from_numpy(np.stack([c[3] for c in chips]).astype(np.int32)) if self.with_codes else None,
         )
 
 

@@ -13,9 +13,18 @@ from dataset.options import TileListOptions, at_least, multiple_of, option, over
 from networks.config import CONFIG_NAMES, SIZE_MULTIPLE
 from runtime.device import DeviceOptions
 
-#: Options that define the data, the model and the schedule: a resumed run must use the same.
+#: Options that define the data, the model, the loss and the schedule: a resumed run must use the same.
 #: (The model config is compared as a whole.)
-SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries")
+SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
+                    "label_loss", "mix_cell", "entropy_weight", "augment", "class_balance")
+
+#: Named presets of the recipe options; an option given on the command line wins over its preset.
+#: "published" is the published recipe; "robust" makes the 1 m map beat its LR labels (docs/training.md
+#: gives each option's measured effect).
+RECIPES = {
+    "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.0},
+    "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.5},
+}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -45,6 +54,25 @@ class TrainOptions(DeviceOptions, TileListOptions):
     aux_loss: bool = option(False, "add the auxiliary FCN head and its loss (weight 0.4); off as published",
                             group="optimisation")
 
+    recipe: str = option("published", "training recipe preset: published (the paper's), or robust (measured to "
+                                      "beat the LR labels on held-out patches, see docs/training.md); sets the "
+                                      "recipe options below that are not given", choices=tuple(RECIPES),
+                         group="recipe")
+    label_loss: str | None = option(None, "hard: the published dual cross-entropy on the LR majority class; mix: "
+                                          "each LR pixel's predicted class mix must match its code's mix (the "
+                                          "dataset's lr_mixes)", choices=("hard", "mix"), group="recipe",
+                                    none_means="the recipe's")
+    mix_cell: int = option(30, "with --label_loss mix: side in pixels of the cells within which the pixels of one LR "
+                               "code are pooled (about one LR pixel)", group="recipe", check=at_least(1))
+    entropy_weight: float | None = option(None, "weight of the mean per-pixel prediction entropy added to the loss "
+                                                "(commits each pixel to one class)", group="recipe",
+                                          check=at_least(0), none_means="the recipe's")
+    augment: str | None = option(None, "none, or d4: random flips and 90-degree rotations of each chip",
+                                 choices=("none", "d4"), group="recipe", none_means="the recipe's")
+    class_balance: float | None = option(None, "weigh each class by (its share of the training LR labels) ** -P, "
+                                               "so rare classes count; 0 is off, 0.5 the square-root balance",
+                                         group="recipe", check=at_least(0), none_means="the recipe's")
+
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")
     CNN_width: int | None = option(None, "L2HNet width: 64 light (published) or 128 normal", group="model",
@@ -68,6 +96,11 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                         "the HR reference every --val_interval epochs and after the last",
                                   group="validation (optional)")
     val_interval: int = option(10, "epochs between validations", group="validation (optional)", check=at_least(1))
+
+    def __post_init__(self) -> None:
+        for name, value in RECIPES.get(self.recipe, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def check(self) -> None:
         if self.model_config not in CONFIG_NAMES:

@@ -28,10 +28,11 @@ from dataset import load_dataset
 from dataset.errors import InputError
 from scoring.report import format_metric
 from training import builders
+from training.augment import random_d4
 from training.chips import ChipBatch, StreamError, TileNotice, WorkerDone, normalization_constants, normalize_on_device
 from training.distributed import DistributedContext
 from training.logger import RunLogger
-from training.losses import LossTerms, vcnet_loss
+from training.losses import LossTerms
 from training.options import TrainOptions
 from training.progress import LOSS_TERMS, EpochMeter
 from training.run_folder import RunFolder, check_resumed_config, check_resumed_tiles, read_resume, training_state
@@ -72,6 +73,7 @@ class Trainer:
             check_resumed_config(self.resume_from, self.model_config, options)
             self.model = builders.model(options, self.model_config, self.ctx, self.log, self.resume_from)
             self.optimizer = builders.optimizer(self.model, options)
+            self.loss = builders.loss(options, self.dataset, self.entries, self.device, self.log)
             self.stream, self.loader = builders.chip_loader(self.entries, self.dataset, options, self.ctx)
             self.base_lr = published_lr(options.base_lr, options.batch_size)
             self.steps_per_epoch = steps_per_epoch(len(self.entries), options.chips_per_tile, options.batch_size,
@@ -193,10 +195,13 @@ class Trainer:
             group["lr"] = lr
         image = batch.image.to(self.device, non_blocking=True)
         label = batch.label.to(self.device, non_blocking=True).long()
+        codes = batch.codes.to(self.device, non_blocking=True).long() if batch.codes is not None else None
+        if self.opts.augment == "d4":
+            image, label, codes = random_d4(image, label, codes)
         x = normalize_on_device(image, self.scale, self.shift)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             outputs = self.model(x, return_aux=True) if self.opts.aux_loss else self.model(x)
-        terms = vcnet_loss(outputs[0], outputs[1], label, outputs[2] if self.opts.aux_loss else None)
+        terms = self.loss(outputs, label, codes)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()

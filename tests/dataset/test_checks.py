@@ -42,3 +42,35 @@ def test_label_histogram_any_integer_type(tmp_path):
     with open_raster(path) as src:
         codes, counts = label_histogram(src, strip_rows=1)
     assert codes.tolist() == [3, 7, 500] and counts.tolist() == [2, 1, 3]
+
+
+# ---------------------------------------------------------------------------- LR class mixes
+
+def test_lr_mixes_table_and_round_trip():
+    from dataset import load_dataset
+
+    sample = load_dataset("sample")
+    table = sample.mix_table()
+    assert table.shape == (96, 5) and np.allclose(table[table.sum(1) > 0].sum(1), 1)
+    assert table[21].tolist() == [0, 0, np.float32(0.3), np.float32(0.6), np.float32(0.1)]
+    assert table[0].sum() == 0  # no data: excluded from the mix loss
+    assert load_dataset(sample.to_dict()) == sample
+    plain = load_dataset("Chesapeake_NLCD16")
+    assert plain.lr_mixes is None and "lr_mixes" not in plain.to_dict()
+    one_hot = plain.mix_table()  # codes without a mix get all of their lookup class
+    assert np.all(one_hot[list(plain.lr_label.lookup)].sum(1) == [v > 0 for v in plain.lr_label.lookup.values()])
+
+
+def test_bad_lr_mixes_are_one_line_errors():
+    import pytest
+
+    from dataset import load_dataset
+    from dataset.errors import InputError
+
+    data = load_dataset("sample").to_dict()
+    for mixes, message in [({"21": {"tree canopy": 0.5}}, "sum to 1"),
+                           ({"21": {"forest": 1.0}}, "sum to 1"),
+                           ({"99": {"tree canopy": 1.0}}, "code 99"),
+                           ({"21": {"tree canopy": -0.5, "impervious": 1.5}}, "non-negative")]:
+        with pytest.raises(InputError, match=message):
+            load_dataset({**data, "lr_mixes": mixes})

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import agreement_target, masked_cross_entropy, vcnet_loss
+from training.losses import RecipeLoss, agreement_target, masked_cross_entropy, mean_entropy, mix_loss, vcnet_loss
 
 
 def one_hot_logits(classes, num_classes=5, scale=4.0):
@@ -91,3 +92,83 @@ def test_bfloat16_logits_are_reduced_in_float32():
     ref = vcnet_loss(vit, cnn, target).total
     low = vcnet_loss(vit.bfloat16(), cnn.bfloat16(), target).total
     assert low.dtype == torch.float32 and torch.allclose(low, ref, atol=0.05)
+
+
+# ---------------------------------------------------------------------------- the mix (label super-resolution) loss
+
+MIX = torch.tensor([[0, 0, 0, 0, 0],            # code 0: no data
+                    [0, 0, 0.5, 0.5, 0],        # code 1: half tree, half low vegetation
+                    [0, 0, 0, 0.9, 0.1]])       # code 2: 90% low vegetation, 10% impervious
+
+
+def logits_of(classes, strength=30.0):
+    """Confident logits for a (B, H, W) class map."""
+    return torch.nn.functional.one_hot(torch.as_tensor(classes), 5).permute(0, 3, 1, 2).float() * strength
+
+
+def test_mix_loss_lets_the_network_place_the_minority_classes():
+    """Any pixel assignment with the code's mix scores the minimum (the mix's entropy); the majority
+    class everywhere, which hard labels would teach, scores worse."""
+    codes = torch.ones(1, 2, 2, dtype=torch.long)
+    best = -(0.5 * math.log(0.5)) * 2
+    for arrangement in ([[2, 3], [3, 2]], [[2, 2], [3, 3]]):
+        assert mix_loss(logits_of([arrangement]), codes, MIX, cell=2).item() == pytest.approx(best, abs=1e-4)
+    assert mix_loss(torch.zeros(1, 5, 2, 2).index_fill_(1, torch.tensor([2, 3]), 30.0), codes, MIX,
+                    cell=2).item() == pytest.approx(best, abs=1e-3)
+    assert mix_loss(logits_of([[[2, 2], [2, 2]]]), codes, MIX, cell=2).item() > best + 2
+
+
+def test_mix_loss_groups_by_cell_code_and_chip_weighted_by_pixels():
+    codes = torch.tensor([[[1, 1, 2, 0], [1, 1, 2, 2]]])            # one chip, 2 x 4, cells of 2
+    classes = torch.tensor([[[2, 3, 3, 1], [3, 2, 4, 3]]])
+    probs = torch.softmax(logits_of(classes, 3.0), dim=1)
+    groups = {(0, 1): [(0, 0), (0, 1), (1, 0), (1, 1)], (1, 2): [(0, 2), (1, 2), (1, 3)]}  # (cell, code): pixels
+    total, pixels = 0.0, 0
+    for (_, code), where in groups.items():
+        mean = torch.stack([probs[0, :, r, c] for r, c in where]).mean(0)
+        total += -(MIX[code] * torch.log(mean.clamp_min(1e-6))).sum().item() * len(where)
+        pixels += len(where)
+    got = mix_loss(logits_of(classes, 3.0), codes, MIX, cell=2).item()
+    assert got == pytest.approx(total / pixels, rel=1e-5)  # the no-data pixel (code 0) is left out
+    two = mix_loss(logits_of(torch.cat([classes, classes]), 3.0), torch.cat([codes, codes]), MIX, cell=2)
+    assert two.item() == pytest.approx(got, rel=1e-5)  # chips are separate groups, same figure
+
+
+def test_mix_loss_without_mix_pixels_is_zero_with_zero_gradient():
+    logits = torch.randn(1, 5, 3, 3, requires_grad=True)
+    loss = mix_loss(logits, torch.zeros(1, 3, 3, dtype=torch.long), MIX, cell=3)
+    loss.backward()
+    assert loss.item() == 0 and torch.all(logits.grad == 0)
+
+
+def test_recipe_loss_hard_is_the_published_loss_and_entropy_adds():
+    g = torch.Generator().manual_seed(4)
+    target = torch.randint(0, 5, (2, 8, 8), generator=g)
+    vit, cnn = (torch.randn(2, 5, 8, 8, generator=g) for _ in range(2))
+    published = vcnet_loss(vit, cnn, target)
+    assert torch.equal(RecipeLoss("hard")((vit, cnn), target).total, published.total)
+    valid = target != 0
+    entropy = 0.5 * (mean_entropy(cnn, valid) + mean_entropy(vit, valid))
+    with_entropy = RecipeLoss("hard", entropy_weight=0.2)((vit, cnn), target)
+    assert torch.allclose(with_entropy.total, published.total + 0.2 * entropy)
+    codes = torch.randint(0, 3, (2, 8, 8), generator=g)
+    mixed = RecipeLoss("mix", mix_table=MIX, mix_cell=4)((vit, cnn), target, codes)
+    expected = 0.5 * mix_loss(cnn, codes, MIX, 4) + 0.5 * mix_loss(vit, codes, MIX, 4)
+    assert torch.allclose(mixed.total, expected) and torch.allclose(mixed.cnn, mix_loss(cnn, codes, MIX, 4))
+    with pytest.raises(ValueError, match="mix table"):
+        RecipeLoss("mix")
+
+
+def test_class_weights_weigh_the_cross_entropy_and_the_mix_groups():
+    g = torch.Generator().manual_seed(6)
+    target = torch.randint(1, 5, (2, 6, 6), generator=g)
+    logits = torch.randn(2, 5, 6, 6, generator=g)
+    weight = torch.tensor([0.0, 1.0, 0.5, 2.0, 8.0])
+    expected = F.cross_entropy(logits, target, weight=weight)  # torch's weighted mean
+    assert torch.allclose(masked_cross_entropy(logits, target, weight=weight), expected)
+    codes = torch.tensor([[[1, 1], [2, 2]]])
+    logits = torch.randn(1, 5, 2, 2, generator=g)
+    per_code = [mix_loss(logits[:, :, r:r + 1], codes[:, r:r + 1], MIX, cell=2) for r in (0, 1)]
+    group_weight = MIX[1:] @ weight  # code 1: 0.5*0.5 + 0.5*2; code 2: 0.9*2 + 0.1*8
+    weighted = mix_loss(logits, codes, MIX, cell=2, class_weights=weight)
+    assert torch.allclose(weighted, (per_code[0] * group_weight[0] + per_code[1] * group_weight[1]) / group_weight.sum())

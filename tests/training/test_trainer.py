@@ -388,3 +388,64 @@ def test_small_tiles_are_reported_once_and_skipped(tmp_path, bad_tiles, four_til
     assert log.count("img_small.tif: tile 16x16 is smaller than a 32 chip; skipped") == 1
     trainer.close()
 
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def test_recipe_presets_fill_only_what_is_not_given():
+    from dataset.options import parse_options
+
+    published = parse_options(TrainOptions, [])
+    assert (published.recipe, published.label_loss, published.entropy_weight, published.augment) == \
+        ("published", "hard", 0.0, "none")
+    robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
+    assert (robust.label_loss, robust.augment, robust.class_balance) == ("hard", "none", 0.5)
+    assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
+
+
+def test_mix_recipe_trains_with_codes_and_is_resume_exact(tmp_path, four_tiles):
+    recipe = dict(label_loss="mix", mix_cell=16, augment="d4", entropy_weight=0.1, class_balance=0.5)
+    full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
+    assert full.loss.label_loss == "mix" and full.stream.with_codes
+    full.fit()
+    first = str(tmp_path / "a" / "run" / "epoch_0.pth")
+    resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first, **recipe))
+    resumed.fit()
+    assert resumed.seen == full.seen[4:]  # same chips, orientations and losses after resuming
+    payload = read_checkpoint(str(tmp_path / "a" / "run" / "last.pth"))
+    assert payload["train_args"]["label_loss"] == "mix" and payload["train_args"]["augment"] == "d4"
+    with pytest.raises(Exception, match="--label_loss 'hard' differs"):
+        Trainer(options(tmp_path / "c", four_tiles, max_epochs=2, resume=first, **{**recipe, "label_loss": "hard"}))
+
+
+def test_mix_loss_needs_the_datasets_mixes(tmp_path, four_tiles):
+    from dataset import load_dataset
+    from dataset.errors import InputError
+
+    plain = load_dataset("sample").to_dict()
+    del plain["lr_mixes"]
+    definition = tmp_path / "plain.json"
+    definition.write_text(__import__("json").dumps(plain))
+    with pytest.raises(InputError, match="gives no lr_mixes"):
+        Trainer(options(tmp_path, four_tiles, dataset=str(definition), label_loss="mix"))
+
+
+def test_class_weights_come_from_the_training_labels(four_tiles):
+    from dataset import load_dataset
+    from training.builders import _lookup_table, class_weights
+
+    sample = load_dataset("sample")
+    entries = read_list(four_tiles)
+    table = _lookup_table(sample)
+    counts = np.zeros(5)
+    for entry in entries:
+        with rasterio.open(entry.label) as src:
+            np.add.at(counts, sample.lr_label.map(src.read(1)).ravel(), 1)
+    share = counts[1:] / counts[1:].sum()
+    weights = class_weights(entries, sample, table, 0.5)
+    expected = np.where(share > 0, np.maximum(share, 1e-12) ** -0.5, 0)
+    expected /= (share * expected).sum()
+    assert weights[0] == 0 and np.allclose(weights[1:], expected, rtol=1e-5)
+    assert np.allclose((share * weights[1:]).sum(), 1.0)  # the average labelled pixel weighs 1
+    assert np.all(class_weights(entries, sample, table, 0.0)[1:] == (share > 0))

@@ -1,0 +1,46 @@
+"""tools/sample_benchmark.py: folds that never score a training patch, NLCD's own figures, JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+from dataset import load_dataset, read_list
+from scoring.metrics import confusion_from_arrays
+from tests.helpers import SAMPLE_LIST
+from tools import sample_benchmark
+
+
+def test_folds_score_every_patch_once_by_a_model_that_never_saw_it():
+    entries = read_list(SAMPLE_LIST)
+    splits = sample_benchmark.folds(entries, "heldout")
+    tested = [e.image for _, test in splits for e in test]
+    assert sorted(tested) == sorted(e.image for e in entries)
+    for train, test in splits:
+        assert not {e.image for e in train} & {e.image for e in test}
+    assert sample_benchmark.folds(entries, "update") == [(entries, entries)]
+
+
+def test_smoke_run_reports_nlcd_and_each_variant(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = sample_benchmark.main(["--seeds", "3", "--protocols", "update", "--max_epochs", "1", "--chips_per_tile",
+                                  "1", "--batch_size", "4", "--stride", "64", "--variant", "published=--recipe published",
+                                  "--work_dir", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["protocols"]["update"]
+    # NLCD's own agreement, computed here independently from the rasters.
+    dataset = load_dataset("sample")
+    cm = 0
+    for entry in read_list(SAMPLE_LIST):
+        with rasterio.open(entry.label) as lr, rasterio.open(entry.hr_label) as hr:
+            cm = cm + confusion_from_arrays(dataset.hr_label.map(hr.read(1)), dataset.lr_label.map(lr.read(1)), 4)
+    nlcd = result["NLCD (the LR labels as a map)"]
+    assert nlcd["pixels"] == 8 * 256 * 256 == cm.sum()
+    assert nlcd["overall_accuracy"] == pytest.approx(np.trace(cm[:, 1:]) / cm.sum())
+    assert nlcd["mean_iou"] == pytest.approx(0.401, abs=5e-4)  # water is absent from the reference: left out
+    run = result["published"]["runs"][0]
+    assert run["seed"] == 3 and run["pixels"] == nlcd["pixels"] and 0 <= run["mean_iou"] <= 1
+    assert "published" in capsys.readouterr().out

@@ -1,0 +1,230 @@
+"""Map quality on the bundled sample: does a recipe's 1 m map beat the LR labels it was trained with?
+
+Trains on the sample's NLCD labels only, maps, and scores the maps against the HR reference with
+mIoU.py's code (:func:`scoring.metrics.confusion_for_pair`), side by side with NLCD's own agreement
+on the same pixels. Two protocols:
+
+* ``heldout``: two folds (even and odd patches). Each fold trains on four patches and maps the
+  other four; the confusion matrices of both folds are summed, so every patch is scored once,
+  by a model that never saw it. Chips per tile are doubled so that a fold trains as many steps
+  as a run on all eight patches (the same training budget).
+* ``update``: train on all eight patches and map the same patches (updating an existing map).
+
+Every variant runs with each ``--seeds`` value; the table gives the mean and the spread
+(sample standard deviation) over seeds. A gain smaller than the spread is not a gain. The HR
+reference is used for scoring only.
+
+Example (about 5 minutes per run on a 2-core CPU)::
+
+    python tools/sample_benchmark.py --seeds 1 2 3 --variant published="--recipe published" \\
+        --variant robust="--recipe robust" --json runs/sample_benchmark.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from dataset import TileEntry, load_dataset, read_list  # noqa: E402
+from dataset.errors import InputError, run_cli  # noqa: E402
+from dataset.files import atomic_output  # noqa: E402
+from dataset.options import add_options  # noqa: E402
+from dataset.raster_io import geotiff_profile, open_raster, read_window  # noqa: E402
+from training.options import TrainOptions  # noqa: E402
+
+SAMPLE_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset", "sample",
+                           "train.csv")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", default=None, metavar="NAME=FLAGS",
+                   help="a candidate: a name and the train.py flags it adds (repeat; default: published and "
+                        "robust recipes)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every variant (default: 1 2 3)")
+    p.add_argument("--protocols", nargs="+", choices=("heldout", "update"), default=["heldout", "update"])
+    p.add_argument("--model_config", default="tiny", help="model size (default: tiny)")
+    p.add_argument("--chip_size", type=int, default=64, help="training and mapping chip (default: 64)")
+    p.add_argument("--stride", type=int, default=32, help="mapping stride (default: 32)")
+    p.add_argument("--max_epochs", type=int, default=30, help="epochs (default: 30)")
+    p.add_argument("--chips_per_tile", type=int, default=16,
+                   help="chips per tile per epoch when training on all 8 patches; doubled for a 4-patch fold "
+                        "(default: 16)")
+    p.add_argument("--batch_size", type=int, default=8, help="batch (default: 8)")
+    p.add_argument("--num_workers", type=int, default=0, help="loader processes (default: 0)")
+    p.add_argument("--list_dir", default=SAMPLE_LIST, help="the sample list (image_fn, label_fn, hr_label_fn)")
+    p.add_argument("--dataset", default="sample", help="dataset definition (default: sample)")
+    p.add_argument("--work_dir", default=None, help="keep runs and maps here (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="write every figure to this JSON file")
+    return p.parse_args(argv)
+
+
+def variants(specs: list[str] | None) -> dict[str, list[str]]:
+    specs = specs or ["published=--recipe published", "robust=--recipe robust"]
+    out = {}
+    for spec in specs:
+        name, _, flags = spec.partition("=")
+        if not name or not _:
+            raise InputError(f"--variant {spec!r}: give NAME=FLAGS, e.g. robust='--recipe robust'")
+        out[name] = shlex.split(flags)
+    return out
+
+
+def train_options(base: dict, flags: list[str]) -> TrainOptions:
+    """TrainOptions from the benchmark's settings plus a variant's train.py flags."""
+    parser = add_options(argparse.ArgumentParser(prog="variant"), TrainOptions)
+    given = vars(parser.parse_args(flags))
+    options = TrainOptions(**{**base, **given})
+    options.check()
+    return options
+
+
+def reference_metrics(cm: np.ndarray, dataset) -> dict:
+    """mIoU.py's figures of ``cm``, with mIoU taken over the classes present in the reference."""
+    from scoring.metrics import compute_metrics
+
+    figures = compute_metrics(cm, dataset.eval_names)
+    per_class = figures["per_class"]
+    present = {name: c["iou"] for name, c in per_class.items() if c["reference_pixels"] > 0}
+    return {"overall_accuracy": figures["overall_accuracy"],
+            "mean_iou": float(np.mean([v or 0.0 for v in present.values()])),
+            "iou": {name: present.get(name) for name in per_class},
+            "pixels": figures["valid_pixels"]}
+
+
+def lr_label_map(entry: TileEntry, dataset, out: str) -> str:
+    """The tile's LR label mapped to model classes, written as a 'prediction' (NLCD's own map)."""
+    with open_raster(entry.label, "label") as src:
+        classes = dataset.lr_label.map(read_window(src), source=entry.label)
+        profile = geotiff_profile(width=src.width, height=src.height, count=1, crs=src.crs,
+                                  transform=src.transform, nodata=0)
+    import rasterio
+
+    with atomic_output(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(classes)
+    return out
+
+
+def score(pairs: list[tuple[str, str]], dataset) -> np.ndarray:
+    from scoring.metrics import confusion_for_pair
+
+    total = np.zeros((len(dataset.eval_names) - 1, len(dataset.eval_names)), dtype=np.int64)
+    for pred, ref in pairs:
+        total += confusion_for_pair(pred, ref, dataset)
+    return total
+
+
+def train_and_map(options: TrainOptions, train: list[TileEntry], test: list[TileEntry], folder: str,
+                  stride: int) -> list[tuple[str, str]]:
+    """Train on ``train``, map ``test`` with the final weights; returns (map, HR reference) pairs."""
+    from mapping.writer import map_tile, output_name
+    from preparation.lists import write_list
+    from training.trainer import Trainer
+
+    list_path = os.path.join(folder, "train.csv")
+    write_list(list_path, train, absolute=True)
+    trainer = Trainer(dataclasses.replace(options, list_dir=list_path, out_dir=os.path.join(folder, "run")))
+    trainer.fit()
+    pairs = []
+    for entry in test:
+        out = os.path.join(folder, "maps", output_name(entry.image))
+        map_tile(trainer.model, entry.image, out, dataset=trainer.dataset, chip_size=options.chip_size, stride=stride,
+                 device=trainer.device, overwrite=True)
+        pairs.append((out, entry.hr_label))
+    return pairs
+
+
+def folds(entries: list[TileEntry], protocol: str) -> list[tuple[list[TileEntry], list[TileEntry]]]:
+    """(train, test) splits: two interleaved folds for ``heldout``, all-on-all for ``update``."""
+    if protocol == "update":
+        return [(entries, entries)]
+    even, odd = entries[0::2], entries[1::2]
+    return [(even, odd), (odd, even)]
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds of OA, mIoU and each class IoU."""
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+    return {"overall_accuracy": spread([r["overall_accuracy"] for r in runs]),
+            "mean_iou": spread([r["mean_iou"] for r in runs]),
+            "iou": {name: spread([r["iou"][name] for r in runs]) for name in runs[0]["iou"]}}
+
+
+def format_row(name: str, summary: dict, classes: Sequence[str]) -> str:
+    def cell(value):
+        if value is None:
+            return f"{'-':>15}"
+        if isinstance(value, dict):
+            return f"{value['mean']:>8.3f} ±{value['std']:.3f}"
+        return f"{value:>15.3f}"
+
+    return (f"{name:<28}" + cell(summary["mean_iou"]) + cell(summary["overall_accuracy"])
+            + "".join(cell(summary["iou"][c]) for c in classes))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    named = variants(args.variant)
+    dataset = load_dataset(args.dataset)
+    entries = read_list(args.list_dir, required=("image_fn", "label_fn", "hr_label_fn"))
+    if len(entries) < 2:
+        raise InputError(f"{args.list_dir}: the held-out protocol needs at least two tiles")
+    work = args.work_dir or tempfile.mkdtemp(prefix="vcnet_sample_benchmark_")
+    base = dict(dataset=args.dataset, model_config=args.model_config, chip_size=args.chip_size,
+                max_epochs=args.max_epochs, batch_size=args.batch_size, num_workers=args.num_workers,
+                device="cpu", save_interval=args.max_epochs, overwrite=True)
+    results: dict = {"settings": vars(args), "variants": {n: " ".join(f) for n, f in named.items()}, "protocols": {}}
+    classes = dataset.eval_names[1:]
+    header = f"{'':<28}{'mIoU':>15}{'OA':>15}" + "".join(f"{c[:14]:>15}" for c in classes)
+    for protocol in args.protocols:
+        splits = folds(entries, protocol)
+        per_tile_chips = args.chips_per_tile * len(entries) // len(splits[0][0])
+        nlcd_pairs = [(lr_label_map(e, dataset, os.path.join(work, "nlcd", os.path.basename(e.label))), e.hr_label)
+                      for _, test in splits for e in test]
+        nlcd = reference_metrics(score(nlcd_pairs, dataset), dataset)
+        table = {"NLCD (the LR labels as a map)": {**nlcd, "runs": [nlcd]}}
+        for name, flags in named.items():
+            runs = []
+            for seed in args.seeds:
+                options = train_options({**base, "seed": seed, "chips_per_tile": per_tile_chips}, flags)
+                start = time.perf_counter()
+                pairs = []
+                for index, (train, test) in enumerate(splits):
+                    folder = os.path.join(work, protocol, name, f"seed{seed}", f"fold{index}")
+                    pairs += train_and_map(options, train, test, folder, args.stride)
+                run = reference_metrics(score(pairs, dataset), dataset)
+                run["seed"], run["seconds"] = seed, round(time.perf_counter() - start, 1)
+                runs.append(run)
+                print(f"{protocol} {name} seed {seed}: mIoU {run['mean_iou']:.3f}, OA {run['overall_accuracy']:.3f}, "
+                      f"impervious IoU {run['iou']['impervious'] or 0:.3f} ({run['seconds']:.0f} s)", file=sys.stderr)
+            table[name] = {**summarise(runs), "runs": runs}
+        results["protocols"][protocol] = table
+        print(f"\n{protocol}: {nlcd['pixels']:,} scored pixels; mean ± std over seeds {args.seeds}; IoU of classes "
+              "present in the reference")
+        print(header)
+        for name, summary in table.items():
+            print(format_row(name, summary, classes))
+    if args.json:
+        with atomic_output(args.json) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
