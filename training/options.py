@@ -16,14 +16,16 @@ from runtime.device import DeviceOptions
 #: Options that define the data, the model, the loss and the schedule: a resumed run must use the same.
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
-                    "label_loss", "mix_cell", "entropy_weight", "augment", "class_balance")
+                    "label_loss", "mix_cell", "entropy_weight", "augment", "class_balance", "optimizer")
 
 #: Named presets of the recipe options; an option given on the command line wins over its preset.
 #: "published" is the published recipe; "robust" makes the 1 m map beat its LR labels (docs/training.md
 #: gives each option's measured effect).
 RECIPES = {
-    "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.0},
-    "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.5},
+    "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.0,
+                  "optimizer": "sgd"},
+    "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.5,
+               "optimizer": "sgd"},
 }
 
 
@@ -69,6 +71,9 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                           check=at_least(0), none_means="the recipe's")
     augment: str | None = option(None, "none, or d4: random flips and 90-degree rotations of each chip",
                                  choices=("none", "d4"), group="recipe", none_means="the recipe's")
+    optimizer: str | None = option(None, "sgd (published: momentum 0.9, weight decay 1e-4) or adamw (same weight "
+                                         "decay, decoupled); --base_lr is its learning rate before the poly decay",
+                                   choices=("sgd", "adamw"), group="recipe", none_means="the recipe's")
     class_balance: float | None = option(None, "weigh each class by (its share of the training LR labels) ** -P, "
                                                "so rare classes count; 0 is off, 0.5 the square-root balance",
                                          group="recipe", check=at_least(0), none_means="the recipe's")

@@ -449,3 +449,10 @@ def test_class_weights_come_from_the_training_labels(four_tiles):
     assert weights[0] == 0 and np.allclose(weights[1:], expected, rtol=1e-5)
     assert np.allclose((share * weights[1:]).sum(), 1.0)  # the average labelled pixel weighs 1
     assert np.all(class_weights(entries, sample, table, 0.0)[1:] == (share > 0))
+
+
+def test_adamw_optimizer_steps_at_the_poly_lr(tmp_path, four_tiles):
+    trainer = Recording(options(tmp_path, four_tiles, max_epochs=1, optimizer="adamw", base_lr=0.002))
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    trainer.fit()
+    assert [lr for lr, _, _ in trainer.seen] == [poly_lr(0.002, t, trainer.total_steps) for t in range(4)]
