@@ -153,15 +153,16 @@ class DatasetDefinition:
     def eval_names(self) -> tuple[str, ...]:
         return self.eval_class_names or self.class_names
 
-    def mix_table(self) -> np.ndarray:
+    def mix_table(self, with_mixes: bool = True) -> np.ndarray:
         """float32 ``(codes, classes)``: row ``c`` is the class mix of raw LR code ``c``; a code without
-        a mix gets all of its lookup class; no-data and unknown codes get an all-zero row."""
+        a mix (every code when ``with_mixes`` is False: what hard labels train on) gets all of its
+        lookup class; no-data and unknown codes get an all-zero row."""
         size = max(max(self.lr_label.lookup), max(self.lr_label.nodata, default=0)) + 1
         table = np.zeros((size, self.num_classes), dtype=np.float32)
         for code, index in self.lr_label.lookup.items():
             if index > 0:
                 table[code, index] = 1.0
-        for code, mix in (self.lr_mixes or {}).items():
+        for code, mix in ((self.lr_mixes or {}) if with_mixes else {}).items():
             table[code] = mix
         return table
 

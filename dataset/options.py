@@ -29,7 +29,8 @@ T = TypeVar("T", bound="Options")
 
 def option(default: Any = None, help: str = "", *, required: bool = False, aliases: Sequence[str] = (),
            choices: Sequence[Any] | None = None, metavar: str | None = None, group: str | None = None,
-           check: Check | None = None, none_means: str | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
+           check: Check | None = None, none_means: str | None = None,
+           default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field that is also a command-line option ``--<field name>``.
 
     Args:
@@ -88,9 +89,6 @@ class Options:
                 problem = check(value)
                 if problem:
                     raise InputError(f"--{f.name} {value}: {problem}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _metadata(cls: type, name: str) -> dict[str, Any]:

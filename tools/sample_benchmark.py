@@ -90,11 +90,12 @@ def train_options(base: dict, flags: list[str]) -> TrainOptions:
     return options
 
 
-def reference_metrics(cm: np.ndarray, dataset) -> dict:
-    """mIoU.py's figures of ``cm``, with mIoU taken over the classes present in the reference."""
-    from scoring.metrics import compute_metrics
+def reference_metrics(pairs: list[tuple[str, str]], dataset) -> dict:
+    """mIoU.py's figures of the (map, reference) pairs, with mIoU taken over the classes present in the
+    reference."""
+    from scoring.report import evaluate_pairs
 
-    figures = compute_metrics(cm, dataset.eval_names)
+    figures = evaluate_pairs(pairs, dataset)
     per_class = figures["per_class"]
     present = {name: c["iou"] for name, c in per_class.items() if c["reference_pixels"] > 0}
     return {"overall_accuracy": figures["overall_accuracy"],
@@ -114,15 +115,6 @@ def lr_label_map(entry: TileEntry, dataset, out: str) -> str:
     with atomic_output(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(classes)
     return out
-
-
-def score(pairs: list[tuple[str, str]], dataset) -> np.ndarray:
-    from scoring.metrics import confusion_for_pair
-
-    total = np.zeros((len(dataset.eval_names) - 1, len(dataset.eval_names)), dtype=np.int64)
-    for pred, ref in pairs:
-        total += confusion_for_pair(pred, ref, dataset)
-    return total
 
 
 def train_and_map(options: TrainOptions, train: list[TileEntry], test: list[TileEntry], folder: str,
@@ -197,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_tile_chips = args.chips_per_tile * len(entries) // len(splits[0][0])
         nlcd_pairs = [(lr_label_map(e, dataset, os.path.join(work, "nlcd", os.path.basename(e.label))), e.hr_label)
                       for _, test in splits for e in test]
-        nlcd = reference_metrics(score(nlcd_pairs, dataset), dataset)
+        nlcd = reference_metrics(nlcd_pairs, dataset)
         table = {"NLCD (the LR labels as a map)": {**nlcd, "runs": [nlcd]}}
         for name, flags in named.items():
             runs = []
@@ -208,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for index, (train, test) in enumerate(splits):
                     folder = os.path.join(work, protocol, name, f"seed{seed}", f"fold{index}")
                     pairs += train_and_map(options, train, test, folder, args.stride)
-                run = reference_metrics(score(pairs, dataset), dataset)
+                run = reference_metrics(pairs, dataset)
                 run["seed"], run["seconds"] = seed, round(time.perf_counter() - start, 1)
                 runs.append(run)
                 print(f"{protocol} {name} seed {seed}: mIoU {run['mean_iou']:.3f}, OA {run['overall_accuracy']:.3f}, "

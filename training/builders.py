@@ -121,29 +121,19 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
          log: RunLogger) -> RecipeLoss:
     """The recipe's loss; ``--label_loss mix`` needs the dataset's ``lr_mixes``; ``--class_balance`` reads
     the LR label histograms of ``entries``."""
-    mix_table = None
-    if options.label_loss == "mix":
-        if not dataset.lr_mixes:
-            raise InputError(f"--label_loss mix: dataset {dataset.name!r} gives no lr_mixes (the class mix of each "
-                             "LR code; see docs/training.md)")
-        mix_table = torch.from_numpy(dataset.mix_table()).to(device)
+    mixes = options.label_loss == "mix"
+    if mixes and not dataset.lr_mixes:
+        raise InputError(f"--label_loss mix: dataset {dataset.name!r} gives no lr_mixes (the class mix of each "
+                         "LR code; see docs/training.md)")
+    table = dataset.mix_table(with_mixes=mixes)
+    mix_table = torch.from_numpy(table).to(device) if mixes else None
     weights = None
     if options.class_balance:
-        table = dataset.mix_table() if options.label_loss == "mix" else _lookup_table(dataset)
         weights = torch.from_numpy(class_weights(entries, dataset, table, options.class_balance)).to(device)
         log.info(f"class weights (--class_balance {options.class_balance:g}): "
                  + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
     return RecipeLoss(options.label_loss, mix_table=mix_table, mix_cell=options.mix_cell,
                       entropy_weight=options.entropy_weight, class_weights=weights)
-
-
-def _lookup_table(dataset: DatasetDefinition) -> np.ndarray:
-    """One-hot ``(codes, classes)`` rows of the LR lookup (what hard labels train on)."""
-    table = np.zeros_like(dataset.mix_table())
-    for code, index in dataset.lr_label.lookup.items():
-        if index > 0:
-            table[code, index] = 1.0
-    return table
 
 
 def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: np.ndarray, power: float) -> np.ndarray:

@@ -54,6 +54,7 @@ def test_lr_mixes_table_and_round_trip():
     assert table.shape == (96, 5) and np.allclose(table[table.sum(1) > 0].sum(1), 1)
     assert table[21].tolist() == [0, 0, np.float32(0.3), np.float32(0.6), np.float32(0.1)]
     assert table[0].sum() == 0  # no data: excluded from the mix loss
+    assert sample.mix_table(with_mixes=False)[21].tolist() == [0, 0, 0, 1, 0]  # hard labels: the lookup class
     assert load_dataset(sample.to_dict()) == sample
     plain = load_dataset("Chesapeake_NLCD16")
     assert plain.lr_mixes is None and "lr_mixes" not in plain.to_dict()

@@ -433,11 +433,11 @@ def test_mix_loss_needs_the_datasets_mixes(tmp_path, four_tiles):
 
 def test_class_weights_come_from_the_training_labels(four_tiles):
     from dataset import load_dataset
-    from training.builders import _lookup_table, class_weights
+    from training.builders import class_weights
 
     sample = load_dataset("sample")
     entries = read_list(four_tiles)
-    table = _lookup_table(sample)
+    table = sample.mix_table(with_mixes=False)
     counts = np.zeros(5)
     for entry in entries:
         with rasterio.open(entry.label) as src:
