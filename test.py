@@ -7,7 +7,8 @@ Example::
 
 Outputs go to ``OUT_DIR/<name>``, where ``naip`` in the tile's name becomes ``predictions``
 (otherwise ``<stem>_pred.tif``). Existing outputs are kept unless ``--overwrite``, so re-running an
-interrupted command resumes it. Under torchrun the ranks share the list. The work is done by
+interrupted command resumes it. Under torchrun the ranks share the list; ``--shard K/N`` maps one
+shard of it (a Slurm job array: ``--shard $SLURM_ARRAY_TASK_ID/N``). The work is done by
 ``mapping/`` (:func:`mapping.run.run_mapping`). See docs/mapping.md.
 """
 
@@ -31,7 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     done = run_mapping(options, progress=lambda items: tqdm(items, desc="tiles", unit="tile"), log=tqdm.write)
     rank, world, _ = distributed_rank()
-    where = f" (rank {rank} of {world})" if world > 1 else ""
+    index, count = options.shard_index
+    parts = ([f"shard {index}/{count}"] if count > 1 else []) + ([f"rank {rank} of {world}"] if world > 1 else [])
+    where = f" ({', '.join(parts)})" if parts else ""
     print(f"{len(done['mapped'])} tiles mapped, {len(done['skipped'])} already done{where}; outputs in "
           f"{options.out_dir}")
     return 0

@@ -6,8 +6,25 @@ import dataclasses
 
 from dataset.errors import InputError
 from dataset.options import Options, TileListOptions, at_least, multiple_of, option, override
+from mapping.overviews import OVERVIEW_MIN_SIZE
 from networks.config import SIZE_MULTIPLE
 from runtime.device import DeviceOptions
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``.
+
+    Raises:
+        InputError: naming ``--shard`` and what is wrong.
+    """
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--shard {text}: give K/N, shard K (counted from 0) of N, e.g. 0/10")
+    index, count = int(parts[0]), int(parts[1])
+    if not 0 <= index < count:
+        raise InputError(f"--shard {text}: K must be in 0..N-1 (counted from 0, like SLURM_ARRAY_TASK_ID "
+                         f"with --array=0-{max(count - 1, 0)})")
+    return index, count
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -44,3 +61,29 @@ class MapOptions(DeviceOptions, TileListOptions, SlidingWindowOptions):
                               group="output")
     preview: bool = option(False, "also write <map>_preview.png: image, LR label, prediction, HR reference",
                            group="output")
+    overview_min_size: int = option(OVERVIEW_MIN_SIZE, "maps whose longer side has at least this many pixels get "
+                                                       "internal overviews (mode resampling); 0: none",
+                                    group="output", check=at_least(0))
+    shard: str | None = option(None, "map only shard K of N (K counted from 0): every N-th tile of the list from "
+                                     "the K-th, e.g. --shard $SLURM_ARRAY_TASK_ID/100; under torchrun the ranks "
+                                     "split the shard", metavar="K/N", group="data", none_means="the whole list")
+
+    def check(self) -> None:
+        super().check()
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        """``(K, N)`` of ``--shard``; ``(0, 1)`` without it."""
+        return parse_shard(self.shard) if self.shard is not None else (0, 1)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MosaicOptions(Options):
+    """Write a VRT mosaic of a folder of maps, so that the whole region opens as one layer."""
+
+    pred_dir: str = option(required=True, help="folder of maps written by test.py (every shard's)", group="data")
+    crs: str | None = option(None, "mosaic only the maps in this CRS (e.g. EPSG:26918); needed when the maps are in "
+                                   "several", group="data", none_means="the maps' CRS")
+    out: str | None = option(None, "the VRT file to write", group="output", none_means="PRED_DIR/mosaic.vrt")

@@ -1,4 +1,4 @@
-"""Quick-look PNGs of a mapped tile: the image beside its labels and the prediction.
+"""Quick-look PNGs of a mapped tile: the image beside its labels and the prediction, and a legend.
 
 Rasters are read decimated (nearest neighbour) straight to the preview size, so a preview of a
 large tile needs little memory. Pillow (installed with torchvision) draws and writes the PNGs.
@@ -18,6 +18,10 @@ from dataset.raster_io import open_raster
 TITLE_HEIGHT = 16
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
+#: Legend layout: a colour swatch, its class name, then the next class; rows wrap at the panels' width.
+SWATCH = 12
+LEGEND_ROW = 16
+LEGEND_GAP = 12
 
 
 def preview_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
@@ -76,6 +80,39 @@ def _panel_row(panels: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
     return canvas
 
 
+def class_legend(entries: Sequence[tuple[str, Sequence[int]]], width: int, title: str = "") -> Image.Image:
+    """A legend strip ``width`` pixels wide: ``title`` then, per ``(name, colour)``, a swatch and the name,
+    wrapped onto as many rows as needed."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items = ([(title, None)] if title else []) + [(name, tuple(color[:3])) for name, color in entries]
+    places, x, line = [], 2, 0
+    for name, color in items:
+        size = (SWATCH + 4 if color is not None else 0) + int(measure.textlength(name)) + LEGEND_GAP
+        if x > 2 and x + size > width:
+            x, line = 2, line + 1
+        places.append((x, line, name, color))
+        x += size
+    canvas = Image.new("RGB", (width, (line + 1) * LEGEND_ROW + 2), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for x, line, name, color in places:
+        y = line * LEGEND_ROW + 2
+        if color is not None:
+            draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=color, outline=TEXT)
+            x += SWATCH + 4
+        draw.text((x, y), name, fill=TEXT)
+    return canvas
+
+
+def _stack(images: Sequence[Image.Image]) -> Image.Image:
+    """Images one below the other, left-aligned."""
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), BACKGROUND)
+    y = 0
+    for image in images:
+        canvas.paste(image, (0, y))
+        y += image.height
+    return canvas
+
+
 def save_png(image: Image.Image, path: str) -> None:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
@@ -83,10 +120,12 @@ def save_png(image: Image.Image, path: str) -> None:
 
 def write_preview(png_path: str, image_path: str, pred_path: str, dataset, label_path: str | None = None,
                   hr_path: str | None = None, max_size: int = 512) -> str:
-    """Write a PNG: image, LR label (if given), prediction, HR reference (if given), side by side.
+    """Write a PNG: image, LR label (if given), prediction, HR reference (if given), side by side,
+    and below them the legend: each class's colour and name.
 
     Labels go through the dataset's tables (LR -> model classes, HR -> evaluation classes) and
-    are drawn with the dataset's colours.
+    are drawn with the dataset's colours. When the evaluation classes differ from the model's
+    (``prediction_to_eval``), the reference panel gets its own legend row.
 
     Raises:
         InputError: a file is missing or unreadable, or a label has codes the tables do not know.
@@ -97,8 +136,14 @@ def write_preview(png_path: str, image_path: str, pred_path: str, dataset, label
         panels.append(("LR label", colorize(dataset.lr_label.map(raw, label_path), dataset.class_colors)))
     panels.append(("prediction", colorize(_read_small(pred_path, "prediction", max_size, bands=[1])[0],
                                           dataset.class_colors)))
-    if hr_path and dataset.hr_label is not None:
+    reference = bool(hr_path and dataset.hr_label is not None)
+    if reference:
         raw = _read_small(hr_path, "reference", max_size, bands=[1])[0]
         panels.append(("HR reference", colorize(dataset.hr_label.map(raw, hr_path), eval_colors(dataset))))
-    save_png(_panel_row(panels), png_path)
+    row = _panel_row(panels)
+    legends = [class_legend(list(zip(dataset.class_names, dataset.class_colors)), row.width)]
+    if reference and dataset.prediction_to_eval:
+        legends.append(class_legend(list(zip(dataset.eval_names, eval_colors(dataset))), row.width,
+                                    title="HR reference:"))
+    save_png(_stack([row, *legends]), png_path)
     return png_path

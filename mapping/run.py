@@ -5,7 +5,9 @@
 Every output is written under a temporary name and renamed when complete, and tiles whose
 outputs exist are skipped (unless ``overwrite``), so re-running an interrupted command resumes
 it. Under ``torchrun`` each rank maps every ``WORLD_SIZE``-th tile of the list, starting at its
-``RANK``, on GPU ``LOCAL_RANK``; no process group is needed because ranks share nothing.
+``RANK``, on GPU ``LOCAL_RANK``; no process group is needed because ranks share nothing. With
+``--shard K/N`` (a scheduler's job array) the process maps every N-th tile from the K-th, and
+torchrun ranks split that shard in turn (:func:`tile_share`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataset import TileEntry, load_dataset
 from dataset.errors import InputError
 from dataset.raster_io import check_bands, open_raster
 from mapping.options import MapOptions
+from mapping.overviews import OVERVIEW_MIN_SIZE
 from mapping.preview import write_preview
 from mapping.writer import map_tile, output_name, outputs_exist, probs_name
 from networks import load_model
@@ -56,6 +59,15 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def tile_share(entries: Sequence[TileEntry], shard: tuple[int, int] = (0, 1), rank: int = 0, world: int = 1
+               ) -> list[TileEntry]:
+    """The tiles one process maps: shard ``K`` of ``N`` takes every N-th tile from the K-th, and rank
+    ``r`` of ``world`` every world-th tile of that shard, so that all (shard, rank) pairs together
+    map every tile exactly once (tile ``i`` goes to shard ``i % N``, rank ``(i // N) % world``)."""
+    index, count = shard
+    return list(entries[index::count][rank::world])
+
+
 def check_tiles(entries: Sequence[TileEntry], dataset) -> None:
     """Open every tile before mapping any, so a bad tile stops the run before it starts.
 
@@ -75,6 +87,7 @@ class MappingPlan:
     out_dir: str
     save_probs: bool = False
     preview: bool = False
+    overview_min_size: int = OVERVIEW_MIN_SIZE
     outputs: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +122,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
         else:
             map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
                      batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
-                     num_workers=num_workers)
+                     num_workers=num_workers, overview_min_size=plan.overview_min_size)
             done["mapped"].append(out)
             log(f"mapped {entry.image} -> {out}")
         png = plan.preview_path(out)
@@ -120,7 +133,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
 
 def run_mapping(options: MapOptions, progress: Callable | None = None,
                 log: Callable[[str], None] = print) -> dict[str, list[str]]:
-    """Load the checkpoint, read and check the list (this rank's share under torchrun), map it.
+    """Load the checkpoint, read and check the list (this shard's and rank's share), map it.
 
     Returns:
         :func:`map_list`'s ``{"mapped": [...], "skipped": [...]}``.
@@ -130,9 +143,10 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
     dataset = select_dataset(model.dataset, options.dataset)
     _, entries = options.read_list(dataset, required=("image_fn",))
     rank, world, _ = distributed_rank()
-    entries = entries[rank::world]
+    entries = tile_share(entries, options.shard_index, rank, world)
     check_tiles(entries, dataset)
-    plan = MappingPlan(entries, options.out_dir, save_probs=options.save_probs, preview=options.preview)
+    plan = MappingPlan(entries, options.out_dir, save_probs=options.save_probs, preview=options.preview,
+                       overview_min_size=options.overview_min_size)
     return map_list(model, plan, dataset=dataset, chip_size=options.chip_size, stride=options.stride,
                     batch_size=options.batch_size, device=device, amp=options.amp, num_workers=options.num_workers,
                     overwrite=options.overwrite, progress=progress, log=log)

@@ -25,6 +25,8 @@ from rasterio.windows import Window
 from dataset.errors import InputError
 from dataset.files import atomic_output
 from dataset.raster_io import GEOTIFF_BLOCK, check_bands, geotiff_profile, normalize, open_raster, read_window
+from mapping.legend import write_category_names
+from mapping.overviews import OVERVIEW_MIN_SIZE, add_overviews
 from mapping.sliding_window import iter_probability_strips
 
 #: GDAL block cache while mapping: at least this, or enough for a few block rows of a wide tile.
@@ -117,13 +119,16 @@ def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
 
 def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_size: int = 224, stride: int = 112,
              batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False, overwrite: bool = False,
-             probs_path: str | None = None, num_workers: int = 0) -> str:
+             probs_path: str | None = None, num_workers: int = 0, overview_min_size: int = OVERVIEW_MIN_SIZE) -> str:
     """Map one GeoTIFF tile into a class-map GeoTIFF (spec section 7).
 
     The output is uint8, one band, with the input's size, CRS and transform, nodata 0, the
     dataset's colour table, and tags ``CLASS_NAMES`` and ``VCNET_DATASET`` (the definition as
-    JSON, which ``mIoU.py`` reads). It is tiled (256) and deflate-compressed, and written under a
-    temporary name that is renamed only when complete, so an interrupted run leaves nothing.
+    JSON, which ``mIoU.py`` reads). It is tiled (256) and deflate-compressed, has mode-resampled
+    internal overviews when its longer side is at least ``overview_min_size``, and is written
+    under a temporary name that is renamed only when complete, so an interrupted run leaves
+    nothing. The class names also go to ``<map>.aux.xml`` (GDAL category names, QGIS's legend),
+    written before the map is renamed.
 
     Args:
         model: eval-mode VCNet (or any callable with the same contract) already on ``device``;
@@ -136,6 +141,8 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
         probs_path: also write per-class probabilities, uint8 scaled by 255 (band ``i`` = class
             ``i``, band descriptions = class names, scale 1/255).
         num_workers: image bands read ahead in a background thread.
+        overview_min_size: maps whose longer side has at least this many pixels get overviews
+            (0: never).
 
     Returns:
         ``out_path``.
@@ -176,6 +183,8 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
                     writers[1].add(np.rint(probs * 255.0).astype(np.uint8))
             for writer in writers:
                 writer.close()
+            add_overviews(writers[0].dst, overview_min_size)
+            write_category_names(out_path, dataset.class_names)
     finally:
         if was_training:
             module.train()

@@ -49,3 +49,41 @@ def run_main(main, argv, capsys):
     out, err = capsys.readouterr()
     lines = err.strip().replace("\r", "\n").splitlines()
     return code, out, (lines[-1] + "\n") if lines else ""
+
+
+def gdalinfo(path):
+    """``gdalinfo -json PATH`` as a dict, from the GDAL library that rasterio loaded (through ctypes).
+
+    rasterio does not expose everything GDAL reads (category names, for one); this is what a user's
+    ``gdalinfo`` or QGIS sees.
+    """
+    import ctypes
+    import glob
+    import json
+
+    import pytest
+    import rasterio
+
+    libs = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir, "rasterio.libs", "libgdal*"))
+    if not libs:
+        pytest.skip("rasterio is not the wheel that bundles libgdal")
+    gdal = ctypes.CDLL(libs[0])  # already loaded by rasterio: the same library and drivers
+    gdal.GDALOpen.restype = ctypes.c_void_p
+    gdal.GDALOpen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    gdal.GDALInfoOptionsNew.restype = ctypes.c_void_p
+    gdal.GDALInfoOptionsNew.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_void_p]
+    gdal.GDALInfo.restype = ctypes.c_void_p
+    gdal.GDALInfo.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("GDALInfoOptionsFree", "GDALClose", "VSIFree"):
+        getattr(gdal, name).argtypes = [ctypes.c_void_p]
+    gdal.GDALAllRegister()
+    dataset = gdal.GDALOpen(os.fsencode(path), 0)
+    assert dataset, f"GDAL cannot open {path}"
+    options = gdal.GDALInfoOptionsNew((ctypes.c_char_p * 2)(b"-json", None), None)
+    text = gdal.GDALInfo(dataset, options)
+    try:
+        return json.loads(ctypes.string_at(text).decode("utf-8"))
+    finally:
+        gdal.VSIFree(text)
+        gdal.GDALInfoOptionsFree(options)
+        gdal.GDALClose(dataset)

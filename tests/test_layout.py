@@ -11,7 +11,7 @@ import os
 import pytest
 
 from dataset.options import Options, add_options, parse_options
-from mapping.options import MapOptions
+from mapping.options import MapOptions, MosaicOptions
 from preparation.options import AlignOptions, CheckOptions, ListWriteOptions, StatsOptions
 from scoring.options import ScoreOptions
 from tests.helpers import REPO_ROOT
@@ -55,7 +55,8 @@ def test_imports_only_go_down(package):
     assert not wrong, f"imports that go up or sideways: {wrong}"
 
 
-CLIS = [TrainOptions, MapOptions, ScoreOptions, AlignOptions, ListWriteOptions, StatsOptions, CheckOptions]
+CLIS = [TrainOptions, MapOptions, ScoreOptions, AlignOptions, ListWriteOptions, StatsOptions, CheckOptions,
+        MosaicOptions]
 REQUIRED = {
     MapOptions: ["--checkpoint", "x.pth"],
     ScoreOptions: ["--pred_dir", "maps"],
@@ -63,6 +64,7 @@ REQUIRED = {
     ListWriteOptions: ["--images", "*.tif", "--labels", "{stem}_lr.tif", "--out", "list.csv"],
     StatsOptions: ["--images", "*.tif"],
     CheckOptions: ["--dataset", "sample"],
+    MosaicOptions: ["--pred_dir", "maps"],
 }
 
 
@@ -114,6 +116,9 @@ def test_one_flag_per_concept_with_published_aliases():
     (TrainOptions, ["--base_lr", "nan"], "--base_lr nan: must be a positive number"),
     (MapOptions, ["--checkpoint", "x", "--stride", "300"], "--stride 300: must be in 1..224"),
     (MapOptions, ["--checkpoint", "x", "--num_workers", "-1"], "--num_workers -1: must be at least 0"),
+    (MapOptions, ["--checkpoint", "x", "--shard", "3/3"], "--shard 3/3: K must be in 0..N-1"),
+    (MapOptions, ["--checkpoint", "x", "--shard", "2"], "--shard 2: give K/N"),
+    (MapOptions, ["--checkpoint", "x", "--overview_min_size", "-1"], "--overview_min_size -1: must be at least 0"),
     (AlignOptions, ["--lr", "a", "--out_dir", "o", "--images", "x", "--window", "0"], "--window 0: must be at least 1"),
     (AlignOptions, ["--lr", "a", "--out_dir", "o"], "one of --list_dir CSV or --images GLOB"),
     (ListWriteOptions, ["--images", "x", "--labels", "y", "--out", "z", "--val_fraction", "2"],

@@ -19,7 +19,7 @@ import torch
 from dataset import read_list
 from dataset.errors import run_cli
 from mapping.writer import output_name
-from tests.helpers import REPO_ROOT, SAMPLE_LIST, run_main, write_geotiff, write_list
+from tests.helpers import REPO_ROOT, SAMPLE_LIST, gdalinfo, run_main, write_geotiff, write_list
 
 FAST = ["--device", "cpu", "--chip_size", "64", "--stride", "32", "--batch_size", "4", "--num_workers", "1"]
 
@@ -77,6 +77,8 @@ def test_test_py_writes_maps_probabilities_previews(crops, mapped):
             assert dst.crs == src.crs and dst.transform == src.transform and dst.nodata == 0
             assert dst.read(1).max() < 5
         assert os.path.isfile(out[:-4] + "_probs.tif") and os.path.isfile(out[:-4] + "_preview.png")
+        assert gdalinfo(out)["bands"][0]["categories"] == ["no data", "water", "tree canopy", "low vegetation",
+                                                           "impervious"]
     assert not glob.glob(os.path.join(mapped, ".*"))
 
 
@@ -124,7 +126,9 @@ def test_interrupted_run_resumes(crops, tiny_checkpoint, tmp_path, capsys, monke
     argv = ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", tmp_path, *FAST]
     code, _, err = run(TEST_PY, argv, capsys)
     assert code == 130 and "interrupted" in err
-    assert len(os.listdir(tmp_path)) == 1  # the first map; nothing of the second, no temporary file
+    first = output_name(read_list(crops)[0].image)
+    # The first map and its class names; nothing of the second, no temporary file.
+    assert sorted(os.listdir(tmp_path)) == [first, first + ".aux.xml"]
     monkeypatch.setattr(mapping.run, "map_tile", real)
     code, out, _ = run(TEST_PY, argv, capsys)
     assert code == 0 and "2 tiles mapped, 1 already done" in out
@@ -137,7 +141,32 @@ def test_torchrun_ranks_split_the_list(crops, tiny_checkpoint, tmp_path, capsys,
                                  *FAST], capsys)
     assert code == 0 and "(rank 1 of 2)" in out
     second = read_list(crops, required=("image_fn",))[1].image
-    assert os.listdir(tmp_path) == [output_name(second)]
+    assert sorted(os.listdir(tmp_path)) == [output_name(second), output_name(second) + ".aux.xml"]
+
+
+def test_shards_and_ranks_cover_every_tile_once():
+    from mapping.run import tile_share
+
+    tiles = list(range(23))
+    for count in (1, 2, 5, 30):
+        for world in (1, 3):
+            shares = [tile_share(tiles, (index, count), rank, world) for index in range(count) for rank in range(world)]
+            assert sorted(t for share in shares for t in share) == tiles
+    assert tile_share(tiles, (0, 1), 1, 3) == tiles[1::3]  # without --shard: the torchrun split as before
+
+
+def test_shard_option_composes_with_torchrun(crops, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    tiles = [e.image for e in read_list(crops, required=("image_fn",))]
+    argv = ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", tmp_path, *FAST]
+    code, out, _ = run(TEST_PY, argv + ["--shard", "1/3"], capsys)
+    assert code == 0 and "1 tiles mapped, 0 already done (shard 1/3)" in out
+    assert glob.glob(str(tmp_path / "*.tif")) == [str(tmp_path / output_name(tiles[1]))]
+    # Shard 0 of 2 holds tiles 0 and 2; rank 1 of 2 takes the second of them.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, _ = run(TEST_PY, argv + ["--shard", "0/2"], capsys)
+    assert code == 0 and "1 tiles mapped, 0 already done (shard 0/2, rank 1 of 2)" in out
+    assert set(glob.glob(str(tmp_path / "*.tif"))) == {str(tmp_path / output_name(tiles[i])) for i in (1, 2)}
 
 
 # --- bad input: one line naming the file, exit 2, nothing partial left ---------------------------
@@ -193,7 +222,8 @@ def test_bad_tiles(crops, tiny_checkpoint, tmp_path, capsys, kind, message):
     left = sorted(os.listdir(save)) if save.exists() else []
     # Missing and wrong-band tiles are found before mapping starts; a truncated one when it is read,
     # after the first tile's complete map.
-    assert left == ([output_name(read_list(crops)[0].image)] if kind == "truncated tile" else [])
+    first = output_name(read_list(crops)[0].image)
+    assert left == ([first, first + ".aux.xml"] if kind == "truncated tile" else [])
 
 
 def test_dataset_with_other_band_count(crops, tiny_checkpoint, tmp_path, capsys):

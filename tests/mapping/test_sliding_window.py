@@ -284,7 +284,7 @@ def test_interrupted_run_leaves_nothing_and_resumes(tmp_path, sample_ds):
     assert os.listdir(tmp_path) == []  # no map, no probabilities, no temporary files
     model = TwoConv().eval()
     map_tile(model, NAIP_260, out, dataset=sample_ds, chip_size=32, stride=16, batch_size=64, probs_path=probs)
-    assert sorted(os.listdir(tmp_path)) == ["map.tif", "map_probs.tif"]
+    assert sorted(os.listdir(tmp_path)) == ["map.tif", "map.tif.aux.xml", "map_probs.tif"]
     mtime = os.path.getmtime(out)
     never = FailAfter(0, AssertionError("an existing output must be skipped"))
     map_tile(never, NAIP_260, out, dataset=sample_ds, chip_size=32, stride=16, probs_path=probs)
