@@ -5,6 +5,7 @@ Usage::
     python tools/benchmark.py model   --help   # forward/backward speed, parameters, GFLOPs
     python tools/benchmark.py mapping --help   # test.py sliding-window memory on a large tile
     python tools/benchmark.py align   --help   # prepare_data align memory on a large tile
+    python tools/benchmark.py gis     --help   # overviews of a large map, VRT mosaic of thousands of maps
 
 Each subcommand lives in ``tools/benchmarks/<name>.py`` and defines ``add_arguments(parser)`` and
 ``run(args) -> int``.

@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = options.out or os.path.join(options.pred_dir, MOSAIC_NAME)
     summary = write_mosaic(find_maps(options.pred_dir), out, crs=options.crs)
-    print(f"{summary.path}: {summary.maps} maps, {summary.width:,} x {summary.height:,} pixels, {summary.crs}")
+    maps = f"{summary.maps} map" + ("" if summary.maps == 1 else "s")
+    print(f"{summary.path}: {maps}, {summary.width:,} x {summary.height:,} pixels, {summary.crs}")
     return 0
 
 

@@ -141,8 +141,12 @@ def test_cli_writes_the_mosaic_and_refuses_mixed_maps(tmp_path, capsys):
     assert code == 2 and "the maps are in 2 CRSs (EPSG:26917: 1 map, EPSG:26918: 1 map)" in err and "--crs" in err
     code, out, _ = run_main(MOSAIC_PY.main, ["--pred_dir", tmp_path, "--crs", "EPSG:26918",
                                              "--out", tmp_path / "utm18.vrt"], capsys)
-    assert code == 0 and "utm18.vrt: 1 maps, 100 x 100 pixels, EPSG:26918" in out
+    assert code == 0 and "utm18.vrt: 1 map, 100 x 100 pixels, EPSG:26918" in out
     assert (read_vrt(tmp_path / "utm18.vrt")[0] == 2).all()
+    code, _, err = run_main(MOSAIC_PY.main, ["--pred_dir", tmp_path, "--crs", "EPSG:32618"], capsys)
+    assert code == 2 and "--crs EPSG:32618: no map in this CRS (the maps are in EPSG:26917, EPSG:26918)" in err
+    code, _, err = run_main(MOSAIC_PY.main, ["--pred_dir", tmp_path, "--crs", "not-a-crs"], capsys)
+    assert code == 2 and "--crs not-a-crs: not a CRS" in err
     write_map(tmp_path / "c_predictions.tif", 1, 200, 100, res=0.5, width=20, height=20)
     code, _, err = run_main(MOSAIC_PY.main, ["--pred_dir", tmp_path, "--crs", "EPSG:26917"], capsys)
     assert code == 2 and "c_predictions.tif: pixel size 0.5 x 0.5 differs" in err
