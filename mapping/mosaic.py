@@ -2,8 +2,9 @@
 
 A VRT is a small XML file that GDAL (QGIS, rasterio, ``gdal_translate``) reads as one raster made
 of the maps it lists; nothing is copied. The mosaic keeps the maps' grid (CRS and pixel size),
-nodata 0, colour table, class names (as GDAL category names) and dataset tags. Paths are relative
-to the VRT, so the folder can be moved as a whole.
+nodata 0, colour table, class names (as GDAL category names) and the tags that all maps share
+(the dataset definition, the window, ...). Paths are relative to the VRT, so the folder can be
+moved as a whole.
 
 **Where maps overlap** (NAIP quarter quads share a margin with each neighbour), the seam is the
 midline between the two maps' centres: each map supplies the part of the overlap on its own
@@ -36,12 +37,9 @@ from dataset.errors import InputError
 from dataset.files import atomic_output
 from dataset.raster_io import open_raster
 from mapping.legend import category_names_element
-from mapping.writer import DATASET_TAG
 
 #: Default file name of the mosaic, in the maps' folder.
 MOSAIC_NAME = "mosaic.vrt"
-#: Dataset tags every map of a run shares, copied into the mosaic.
-SHARED_TAGS = (DATASET_TAG, "CLASS_NAMES")
 #: Pixel sizes that differ by less than this fraction are the same.
 RESOLUTION_TOLERANCE = 1e-6
 
@@ -95,7 +93,8 @@ def find_maps(pred_dir: str) -> list[str]:
     return paths
 
 
-def _read_map(path: str) -> tuple[MapFootprint, CRS, dict, dict, dict]:
+def _read_map(path: str) -> MapSet:
+    """One map as a set of one."""
     with open_raster(path, "map") as src:
         tags = src.tags()
         if src.count != 1 or src.dtypes[0] != "uint8" or "CLASS_NAMES" not in tags:
@@ -106,8 +105,7 @@ def _read_map(path: str) -> tuple[MapFootprint, CRS, dict, dict, dict]:
         if src.crs is None:
             raise InputError(f"{path}: the map has no CRS, so it cannot be placed in a mosaic")
         footprint = MapFootprint(path, src.width, src.height, t.c, t.f, t.a, -t.e, src.block_shapes[0])
-        band_tags = {k: v for k, v in src.tags(1).items() if k.startswith("CLASS_")}
-        return footprint, src.crs, src.colormap(1), tags, band_tags
+        return MapSet([footprint], src.crs, src.colormap(1), json.loads(tags["CLASS_NAMES"]), tags, src.tags(1))
 
 
 def _parse_crs(text: str) -> CRS:
@@ -121,6 +119,29 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def _common(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in a.items() if b.get(key) == value}
+
+
+def _join(group: list[MapSet]) -> MapSet:
+    """One set of maps in the same CRS; the tags kept are those every map has with the same value
+    (the dataset, the window, ...; not the source image's name)."""
+    joined = dataclasses.replace(group[0], footprints=[])
+    first = group[0].footprints[0]
+    for single in group:
+        footprint = single.footprints[0]
+        for size, reference in ((footprint.xres, first.xres), (footprint.yres, first.yres)):
+            if abs(size - reference) > RESOLUTION_TOLERANCE * reference:
+                raise InputError(f"{footprint.path}: pixel size {footprint.xres} x {footprint.yres} differs from "
+                                 f"{first.path} ({first.xres} x {first.yres}); a VRT mosaic needs one pixel size")
+        if single.class_names != joined.class_names or single.colormap != joined.colormap:
+            raise InputError(f"{footprint.path}: classes or colours differ from {first.path}")
+        joined.footprints.append(footprint)
+        joined.tags = _common(joined.tags, single.tags)
+        joined.band_tags = _common(joined.band_tags, single.band_tags)
+    return joined
+
+
 def read_maps(paths: Sequence[str], crs: str | None = None) -> MapSet:
     """Read the footprints and shared metadata of ``paths`` (those in ``crs`` if given).
 
@@ -128,33 +149,21 @@ def read_maps(paths: Sequence[str], crs: str | None = None) -> MapSet:
         InputError: naming the map that is not a class map, is rotated, has another pixel size or
             other classes than the first; or maps in several CRSs without ``crs``.
     """
-    groups: dict[str, list[tuple]] = {}
+    groups: dict[str, list[MapSet]] = {}
     for path in paths:
-        read = _read_map(path)
-        groups.setdefault(read[1].to_string(), []).append(read)
+        single = _read_map(path)
+        groups.setdefault(single.crs.to_string(), []).append(single)
     if crs is not None:
         wanted = _parse_crs(crs)
-        found = [key for key, group in groups.items() if group[0][1] == wanted]
+        found = [key for key, group in groups.items() if group[0].crs == wanted]
         if not found:
             raise InputError(f"--crs {crs}: no map in this CRS (the maps are in {', '.join(groups)})")
-        chosen = groups[found[0]]
-    elif len(groups) > 1:
+        return _join(groups[found[0]])
+    if len(groups) > 1:
         counts = ", ".join(f"{key}: {_plural(len(group), 'map')}" for key, group in groups.items())
         raise InputError(f"the maps are in {len(groups)} CRSs ({counts}); a VRT cannot reproject: give --crs "
                          f"to mosaic the maps of one")
-    else:
-        chosen = next(iter(groups.values()))
-    first, first_crs, colormap, tags, band_tags = chosen[0]
-    for footprint, _, other_colormap, other_tags, _ in chosen[1:]:
-        for size, reference in ((footprint.xres, first.xres), (footprint.yres, first.yres)):
-            if abs(size - reference) > RESOLUTION_TOLERANCE * reference:
-                raise InputError(f"{footprint.path}: pixel size {footprint.xres} x {footprint.yres} differs from "
-                                 f"{first.path} ({first.xres} x {first.yres}); a VRT mosaic needs one pixel size")
-        if other_tags["CLASS_NAMES"] != tags["CLASS_NAMES"] or other_colormap != colormap:
-            raise InputError(f"{footprint.path}: classes or colours differ from {first.path}")
-    return MapSet(footprints=[c[0] for c in chosen], crs=first_crs, colormap=colormap,
-                  class_names=list(json.loads(tags["CLASS_NAMES"])),
-                  tags={k: tags[k] for k in SHARED_TAGS if k in tags}, band_tags=band_tags)
+    return _join(next(iter(groups.values())))
 
 
 def core_windows(footprints: Sequence[MapFootprint]) -> list[tuple[int, int, int, int] | None]:

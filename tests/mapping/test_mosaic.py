@@ -33,7 +33,8 @@ def write_map(path, value, left, top, width=100, height=100, res=1.0, crs="EPSG:
         dst.write(data, 1)
         dst.write_colormap(1, DATASET.colormap())
         dst.update_tags(**{DATASET_TAG: json.dumps(DATASET.to_dict()),
-                           "CLASS_NAMES": json.dumps(list(DATASET.class_names))})
+                           "CLASS_NAMES": json.dumps(list(DATASET.class_names)),
+                           "VCNET_SOURCE_IMAGE": os.path.basename(path).replace("predictions", "naip")})
         dst.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(DATASET.class_names)})
     return str(path)
 
@@ -126,6 +127,7 @@ def test_vrt_keeps_grid_nodata_colours_names_and_opens_after_a_move(tmp_path):
         assert src.nodata == 0 and src.colormap(1) == tile.colormap(1)
         assert json.loads(src.tags()["CLASS_NAMES"]) == list(DATASET.class_names)
         assert src.tags()[DATASET_TAG] == tile.tags()[DATASET_TAG]
+        assert "VCNET_SOURCE_IMAGE" not in src.tags()  # a tag that differs between maps
         assert src.tags(1)["CLASS_2"] == "tree canopy"
         pixels = src.read(1)
     assert pixels.shape == (100, 150) and set(np.unique(pixels)) == {2, 3}
