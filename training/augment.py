@@ -1,8 +1,13 @@
-"""Chip augmentation on the device: the eight flips and 90-degree rotations of a square (``--augment d4``).
+"""Chip augmentation on the device.
 
-Land cover has no preferred orientation in a nadir image, so every chip may be seen in any of the
-eight orientations. The draws come from the global torch RNG, which the trainer reseeds from
-``(seed, epoch, rank)``, so a resumed run draws the same orientations.
+* ``--augment d4``: the eight flips and 90-degree rotations of a square. Land cover has no
+  preferred orientation in a nadir image, so every chip may be seen in any of the eight.
+* ``--jitter S``: a random gain and offset per chip and band on the normalised image. Aerial
+  flights differ in sun, season and radiometric processing from one tile (or strip) to the next,
+  and the network should not tie a class to one tile's brightness.
+
+The draws come from the global torch RNG, which the trainer reseeds from ``(seed, epoch, rank)``,
+so a resumed run draws the same augmentations.
 """
 
 from __future__ import annotations
@@ -30,3 +35,18 @@ def random_d4(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
             chips.append(turned.flip(-1) if draw >= 4 else turned)
         out.append(torch.stack(chips))
     return tuple(out)
+
+
+def random_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
+    """``image * gain + offset`` per chip and band, gain in ``1 +- strength``, offset in ``+- strength``.
+
+    Args:
+        image: ``(B, bands, H, W)`` normalised chips (zero mean, unit spread per band).
+        strength: 0 returns ``image`` unchanged.
+    """
+    if not strength:
+        return image
+    shape = (image.shape[0], image.shape[1], 1, 1)
+    gain = 1.0 + strength * (2.0 * torch.rand(shape) - 1.0)
+    offset = strength * (2.0 * torch.rand(shape) - 1.0)
+    return image * gain.to(image) + offset.to(image)

@@ -20,11 +20,12 @@ from dataset.errors import InputError
 from dataset.raster_io import open_raster
 from networks import load_deit_weights
 from networks.config import get_config
-from training.chips import ChipStream
+from training.chips import ChipBatch, ChipStream, StreamError, normalization_constants, normalize_on_device
 from training.distributed import DistributedContext
 from training.logger import RunLogger
 from training.losses import RecipeLoss
 from training.options import TrainOptions
+from training.refine import LabelRefiner, LocalLabelModel, fit_local_model
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -133,7 +134,7 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
         log.info(f"class weights (--class_balance {options.class_balance:g}): "
                  + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
     return RecipeLoss(options.label_loss, mix_table=mix_table, mix_cell=options.mix_cell,
-                      entropy_weight=options.entropy_weight, class_weights=weights)
+                      entropy_weight=options.entropy_weight, class_weights=weights, gce_q=options.gce_q)
 
 
 def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: np.ndarray, power: float) -> np.ndarray:
@@ -158,10 +159,56 @@ def chip_loader(entries: list[TileEntry], dataset: DatasetDefinition, options: T
     """The chip stream of this rank and its loader (batches are made by the stream)."""
     stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=options.chips_per_tile,
                         batch_size=options.batch_size, seed=options.seed, rank=ctx.rank, world_size=ctx.world_size,
-                        retries=options.chip_retries, with_codes=options.label_loss == "mix")
+                        retries=options.chip_retries, with_codes=needs_codes(options))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                                          pin_memory=ctx.device.type == "cuda")
     return stream, loader
+
+
+def needs_codes(options: TrainOptions) -> bool:
+    """Whether training batches must carry the raw LR codes (the mix loss and label refinement use them)."""
+    return options.label_loss == "mix" or options.refine_labels == "local"
+
+
+#: Label refinement is fitted on chips from at most this many tiles, this many chips each.
+REFINE_TILES = 256
+REFINE_CHIPS_PER_TILE = 8
+
+
+def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEntry], device: torch.device,
+                  log: RunLogger, resume_from: dict[str, Any] | None = None) -> LabelRefiner | None:
+    """``--refine_labels local``: the local-appearance label model, fitted on chips of the training tiles
+    (or the resumed checkpoint's own), or None."""
+    if options.refine_labels != "local":
+        return None
+    if not dataset.lr_mixes:
+        raise InputError(f"--refine_labels local: dataset {dataset.name!r} gives no lr_mixes (the classes each LR "
+                         "code may hold; see docs/training.md)")
+    allowed = dataset.mix_table(with_mixes=True) > 0
+    if resume_from is not None and "label_model" in resume_from:
+        model = LocalLabelModel(dataset.num_bands, dataset.num_classes)
+        model.load_state_dict(resume_from["label_model"])
+        return LabelRefiner(model, allowed, device)
+    rng = np.random.default_rng(options.seed)
+    picked = sorted(rng.choice(len(entries), size=min(len(entries), REFINE_TILES), replace=False).tolist())
+    # Its own seed, so that the fitting chips are not the first epoch's.
+    stream = ChipStream([entries[i] for i in picked], dataset, chip_size=options.chip_size,
+                        chips_per_tile=REFINE_CHIPS_PER_TILE, batch_size=options.batch_size, seed=options.seed + 1,
+                        retries=options.chip_retries)
+    stream.set_epoch(0)
+    scale, shift = normalization_constants(dataset.mean, dataset.std, torch.device("cpu"))
+    chips = []
+    for item in stream:
+        if isinstance(item, StreamError):
+            raise InputError(item.message)
+        if isinstance(item, ChipBatch):
+            chips.append((normalize_on_device(item.image, scale, shift), item.label.long()))
+    if not chips:
+        raise InputError("--refine_labels local: no valid training chip to fit the label model on")
+    model, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed)
+    log.info(f"label refinement: local model fitted on {stats['pixels']:.0f} pixels of {len(picked)} tiles; "
+             f"it keeps the LR class of {100 * stats['agreement']:.1f}% of them")
+    return LabelRefiner(model, allowed, device)
 
 
 def tile_names(entries: list[TileEntry]) -> list[str]:

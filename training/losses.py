@@ -27,20 +27,31 @@ class LossTerms(NamedTuple):
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                         weight: torch.Tensor | None = None) -> torch.Tensor:
+                         weight: torch.Tensor | None = None, gce_q: float | None = None) -> torch.Tensor:
     """Cross-entropy averaged over the pixels whose target is not ``ignore_index``; 0 when none is.
 
     Args:
         logits: ``(B, K, H, W)`` (any float dtype; computed in float32).
         target: ``(B, H, W)`` int64 class indices.
         weight: optional ``(K,)`` class weights; the average is then weighted by the target's weight.
+        gce_q: None for cross-entropy, else the generalised cross-entropy ``(1 - p_target ** q) / q``
+            (Zhang and Sabuncu, NeurIPS 2018): it tends to cross-entropy as ``q -> 0`` and to the mean
+            absolute error at ``q = 1``, so a pixel the network confidently disputes (a lawn inside
+            a forest block) pulls less than under cross-entropy.
 
     Returns:
         A scalar with a graph to ``logits``. Unlike ``F.cross_entropy(reduction="mean")`` it is
         never NaN: with no valid pixel both the sum and its gradient are zero. No host sync.
     """
-    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum", weight=weight)
     valid = target != ignore_index
+    if gce_q is None:
+        total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum", weight=weight)
+    else:
+        log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+        per_pixel = (1.0 - torch.exp(gce_q * log_p)) / gce_q
+        if weight is not None:
+            per_pixel = per_pixel * weight[target]
+        total = (per_pixel * valid).sum()
     if weight is None:
         return total / valid.sum().clamp_min(1)
     return total / (weight[target] * valid).sum().clamp_min(1e-12)
@@ -55,7 +66,8 @@ def agreement_target(cnn_logits: torch.Tensor, target: torch.Tensor, ignore_inde
 
 def vcnet_loss(vit_logits: torch.Tensor, cnn_logits: torch.Tensor, target: torch.Tensor,
                aux_logits: torch.Tensor | None = None, *, aux_weight: float = AUX_WEIGHT,
-               ignore_index: int = IGNORE_INDEX, class_weights: torch.Tensor | None = None) -> LossTerms:
+               ignore_index: int = IGNORE_INDEX, class_weights: torch.Tensor | None = None,
+               gce_q: float | None = None) -> LossTerms:
     """The published dual loss, plus the optional auxiliary term.
 
     Args:
@@ -65,13 +77,15 @@ def vcnet_loss(vit_logits: torch.Tensor, cnn_logits: torch.Tensor, target: torch
         aux_weight: weight of the auxiliary term.
         class_weights: optional ``(K,)`` weights of the cross-entropies (``--class_balance``);
             None as published.
+        gce_q: None (published), or the ``q`` of a generalised cross-entropy in place of both
+            cross-entropies (``--label_loss gce``); the auxiliary term keeps cross-entropy.
 
     Returns:
         :class:`LossTerms`; ``total = 0.5 * cnn + 0.5 * vit (+ aux_weight * aux)``.
     """
-    cnn = masked_cross_entropy(cnn_logits, target, ignore_index, class_weights)
+    cnn = masked_cross_entropy(cnn_logits, target, ignore_index, class_weights, gce_q)
     vit = masked_cross_entropy(vit_logits, agreement_target(cnn_logits, target, ignore_index), ignore_index,
-                               class_weights)
+                               class_weights, gce_q)
     total = 0.5 * cnn + 0.5 * vit
     aux = None
     if aux_logits is not None:
@@ -138,14 +152,15 @@ def mean_entropy(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class RecipeLoss:
     """The loss a recipe trains with, from the model's outputs ``(vit, cnn[, aux])``.
 
-    ``label_loss="hard"`` is :func:`vcnet_loss` (published); ``"mix"`` scores both branches with
+    ``label_loss="hard"`` is :func:`vcnet_loss` (published); ``"gce"`` is the same with the generalised
+    cross-entropy of exponent ``gce_q``; ``"mix"`` scores both branches with
     :func:`mix_loss`. ``entropy_weight`` adds the mean entropy of both branches; ``class_weights``
     weighs every term by class. The auxiliary head, when present, keeps the hard cross-entropy.
     """
 
     def __init__(self, label_loss: str = "hard", *, mix_table: torch.Tensor | None = None, mix_cell: int = 30,
                  entropy_weight: float = 0.0, class_weights: torch.Tensor | None = None,
-                 aux_weight: float = AUX_WEIGHT) -> None:
+                 aux_weight: float = AUX_WEIGHT, gce_q: float = 0.7) -> None:
         if label_loss == "mix" and mix_table is None:
             raise ValueError("label_loss 'mix' needs a mix table")
         self.label_loss = label_loss
@@ -154,14 +169,16 @@ class RecipeLoss:
         self.entropy_weight = entropy_weight
         self.class_weights = class_weights
         self.aux_weight = aux_weight
+        self.gce_q = gce_q
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor,
                  codes: torch.Tensor | None = None) -> LossTerms:
         vit_logits, cnn_logits = outputs[0], outputs[1]
         aux_logits = outputs[2] if len(outputs) > 2 else None
-        if self.label_loss == "hard":
+        if self.label_loss in ("hard", "gce"):
             terms = vcnet_loss(vit_logits, cnn_logits, target, aux_logits, aux_weight=self.aux_weight,
-                               class_weights=self.class_weights)
+                               class_weights=self.class_weights,
+                               gce_q=self.gce_q if self.label_loss == "gce" else None)
         else:
             cnn = mix_loss(cnn_logits, codes, self.mix_table, self.mix_cell, self.class_weights)
             vit = mix_loss(vit_logits, codes, self.mix_table, self.mix_cell, self.class_weights)

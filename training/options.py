@@ -16,16 +16,21 @@ from runtime.device import DeviceOptions
 #: Options that define the data, the model, the loss and the schedule: a resumed run must use the same.
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
-                    "label_loss", "mix_cell", "entropy_weight", "augment", "class_balance", "optimizer")
+                    "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
+                    "optimizer", "refine_labels", "refine_balance")
+
+def exponent_in_unit_interval(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
 
 #: Named presets of the recipe options; an option given on the command line wins over its preset.
 #: "published" is the published recipe; "robust" makes the 1 m map beat its LR labels (docs/training.md
 #: gives each option's measured effect).
 RECIPES = {
-    "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.0,
-                  "optimizer": "sgd"},
-    "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "class_balance": 0.5,
-               "optimizer": "sgd"},
+    "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
+                  "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none"},
+    "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
+               "class_balance": 0.5, "optimizer": "sgd", "refine_labels": "none"},
 }
 
 
@@ -62,21 +67,35 @@ class TrainOptions(DeviceOptions, TileListOptions):
                          group="recipe")
     label_loss: str | None = option(None, "hard: the published dual cross-entropy on the LR majority class; mix: "
                                           "each LR pixel's predicted class mix must match its code's mix (the "
-                                          "dataset's lr_mixes)", choices=("hard", "mix"), group="recipe",
+                                          "dataset's lr_mixes); gce: the dual loss with the noise-robust generalised "
+                                          "cross-entropy", choices=("hard", "gce", "mix"), group="recipe",
                                     none_means="the recipe's")
     mix_cell: int = option(30, "with --label_loss mix: side in pixels of the cells within which the pixels of one LR "
                                "code are pooled (about one LR pixel)", group="recipe", check=at_least(1))
+    gce_q: float = option(0.7, "with --label_loss gce: the exponent q in (0, 1]; small is close to cross-entropy, 1 "
+                               "is the mean absolute error", group="recipe", check=exponent_in_unit_interval)
     entropy_weight: float | None = option(None, "weight of the mean per-pixel prediction entropy added to the loss "
                                                 "(commits each pixel to one class)", group="recipe",
                                           check=at_least(0), none_means="the recipe's")
     augment: str | None = option(None, "none, or d4: random flips and 90-degree rotations of each chip",
                                  choices=("none", "d4"), group="recipe", none_means="the recipe's")
+    jitter: float | None = option(None, "photometric jitter: a random gain in 1 +- S and offset in +- S (in units of "
+                                        "the band's spread) per chip and band; 0 is off", group="recipe",
+                                  check=at_least(0), none_means="the recipe's")
     optimizer: str | None = option(None, "sgd (published: momentum 0.9, weight decay 1e-4) or adamw (same weight "
                                          "decay, decoupled); --base_lr is its learning rate before the poly decay",
                                    choices=("sgd", "adamw"), group="recipe", none_means="the recipe's")
     class_balance: float | None = option(None, "weigh each class by (its share of the training LR labels) ** -P, "
                                                "so rare classes count; 0 is off, 0.5 the square-root balance",
                                          group="recipe", check=at_least(0), none_means="the recipe's")
+
+    refine_labels: str | None = option(None, "none, or local: train on the LR labels refined by a per-pixel "
+                                             "classifier of local appearance fitted to them at start-up (needs the "
+                                             "dataset's lr_mixes; see docs/training.md)", choices=("none", "local"),
+                                       group="recipe", none_means="the recipe's")
+    refine_balance: float = option(1.0, "with --refine_labels local: class balance P of the local classifier "
+                                        "(share ** -P; 1 weighs every class equally in total)", group="recipe",
+                                   check=at_least(0))
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")

@@ -28,7 +28,7 @@ from dataset import load_dataset
 from dataset.errors import InputError
 from scoring.report import format_metric
 from training import builders
-from training.augment import random_d4
+from training.augment import random_d4, random_jitter
 from training.chips import ChipBatch, StreamError, TileNotice, WorkerDone, normalization_constants, normalize_on_device
 from training.distributed import DistributedContext
 from training.logger import RunLogger
@@ -74,6 +74,8 @@ class Trainer:
             self.model = builders.model(options, self.model_config, self.ctx, self.log, self.resume_from)
             self.optimizer = builders.optimizer(self.model, options)
             self.loss = builders.loss(options, self.dataset, self.entries, self.device, self.log)
+            self.refiner = builders.label_refiner(options, self.dataset, self.entries, self.device, self.log,
+                                                  self.resume_from)
             self.stream, self.loader = builders.chip_loader(self.entries, self.dataset, options, self.ctx)
             self.base_lr = published_lr(options.base_lr, options.batch_size)
             self.steps_per_epoch = steps_per_epoch(len(self.entries), options.chips_per_tile, options.batch_size,
@@ -199,6 +201,9 @@ class Trainer:
         if self.opts.augment == "d4":
             image, label, codes = random_d4(image, label, codes)
         x = normalize_on_device(image, self.scale, self.shift)
+        if self.refiner is not None:
+            label = self.refiner(x, codes, label)
+        x = random_jitter(x, self.opts.jitter)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             outputs = self.model(x, return_aux=True) if self.opts.aux_loss else self.model(x)
         terms = self.loss(outputs, label, codes)
@@ -263,6 +268,8 @@ class Trainer:
         state = training_state(options=self.opts, optimizer=self.optimizer, epoch=epoch, step=self.step,
                                total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                tiles=builders.tile_names(self.entries), device=self.device, metrics=stats)
+        if self.refiner is not None:
+            state["label_model"] = self.refiner.model.state_dict()
         written = self.folder.save(epoch, keep_epoch=keep, model=self.model, model_config=self.model_config,
                                    dataset=self.dataset, state=state)
         if keep:

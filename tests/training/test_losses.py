@@ -172,3 +172,34 @@ def test_class_weights_weigh_the_cross_entropy_and_the_mix_groups():
     group_weight = MIX[1:] @ weight  # code 1: 0.5*0.5 + 0.5*2; code 2: 0.9*2 + 0.1*8
     weighted = mix_loss(logits, codes, MIX, cell=2, class_weights=weight)
     assert torch.allclose(weighted, (per_code[0] * group_weight[0] + per_code[1] * group_weight[1]) / group_weight.sum())
+
+
+def test_gce_matches_its_formula_and_weighs_confident_disputes_less_than_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4, 4, requires_grad=True)
+    target = torch.randint(1, 5, (2, 4, 4))
+    target[0, 0, 0] = 0  # ignored
+    weight = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0])
+    p = torch.softmax(logits, 1).gather(1, target.unsqueeze(1)).squeeze(1)
+    per_pixel = (1 - p ** 0.7) / 0.7 * weight[target] * (target != 0)
+    expected = per_pixel.sum() / (weight[target] * (target != 0)).sum()
+    assert torch.allclose(masked_cross_entropy(logits, target, weight=weight, gce_q=0.7), expected, atol=1e-6)
+    # q -> 0 is cross-entropy
+    assert math.isclose(masked_cross_entropy(logits, target, gce_q=1e-5).item(),
+                        masked_cross_entropy(logits, target).item(), rel_tol=1e-3)
+    # a pixel whose label the network confidently disputes pulls less under GCE than under CE
+    disputed = torch.tensor([[8.0, -8.0]]).view(1, 2, 1, 1).requires_grad_()
+    label = torch.ones(1, 1, 1, dtype=torch.long)
+    grad_ce = torch.autograd.grad(masked_cross_entropy(disputed, label, ignore_index=-1), disputed)[0]
+    grad_gce = torch.autograd.grad(masked_cross_entropy(disputed, label, ignore_index=-1, gce_q=0.7), disputed)[0]
+    assert grad_gce.abs().max() < 1e-3 * grad_ce.abs().max()
+
+
+def test_recipe_loss_gce_uses_the_dual_structure():
+    torch.manual_seed(1)
+    vit, cnn = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+    target = torch.randint(0, 5, (2, 8, 8))
+    terms = RecipeLoss("gce", gce_q=0.5)((vit, cnn), target)
+    assert torch.allclose(terms.cnn, masked_cross_entropy(cnn, target, gce_q=0.5))
+    assert torch.allclose(terms.vit, masked_cross_entropy(vit, agreement_target(cnn, target), gce_q=0.5))
+    assert torch.allclose(terms.total, 0.5 * terms.cnn + 0.5 * terms.vit)

@@ -419,7 +419,9 @@ def test_mix_recipe_trains_with_codes_and_is_resume_exact(tmp_path, four_tiles):
         Trainer(options(tmp_path / "c", four_tiles, max_epochs=2, resume=first, **{**recipe, "label_loss": "hard"}))
 
 
-def test_mix_loss_needs_the_datasets_mixes(tmp_path, four_tiles):
+@pytest.mark.parametrize("recipe, flag", [({"label_loss": "mix"}, "--label_loss mix"),
+                                          ({"refine_labels": "local"}, "--refine_labels local")])
+def test_mix_loss_and_label_refinement_need_the_datasets_mixes(tmp_path, four_tiles, recipe, flag):
     from dataset import load_dataset
     from dataset.errors import InputError
 
@@ -427,8 +429,8 @@ def test_mix_loss_needs_the_datasets_mixes(tmp_path, four_tiles):
     del plain["lr_mixes"]
     definition = tmp_path / "plain.json"
     definition.write_text(__import__("json").dumps(plain))
-    with pytest.raises(InputError, match="gives no lr_mixes"):
-        Trainer(options(tmp_path, four_tiles, dataset=str(definition), label_loss="mix"))
+    with pytest.raises(InputError, match=f"{flag}: dataset 'sample' gives no lr_mixes"):
+        Trainer(options(tmp_path, four_tiles, dataset=str(definition), **recipe))
 
 
 def test_class_weights_come_from_the_training_labels(four_tiles):
@@ -456,3 +458,36 @@ def test_adamw_optimizer_steps_at_the_poly_lr(tmp_path, four_tiles):
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     trainer.fit()
     assert [lr for lr, _, _ in trainer.seen] == [poly_lr(0.002, t, trainer.total_steps) for t in range(4)]
+
+
+class CountingRefiner:
+    """Counts the labels a refiner changes."""
+
+    def __init__(self, inner):
+        self.inner, self.model, self.changed = inner, inner.model, 0
+
+    def __call__(self, x, codes, label):
+        refined = self.inner(x, codes, label)
+        self.changed += int((refined != label).sum())
+        return refined
+
+
+def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path, four_tiles, monkeypatch):
+    from training import builders
+
+    monkeypatch.setattr(builders, "REFINE_CHIPS_PER_TILE", 2)
+    recipe = dict(refine_labels="local", class_balance=0.5)
+    full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
+    assert full.refiner is not None and full.stream.with_codes
+    full.refiner = CountingRefiner(full.refiner)
+    full.fit()
+    assert full.refiner.changed > 0  # some labels were refined (the sample's forest blocks hold lawns)
+    first = str(tmp_path / "a" / "run" / "epoch_0.pth")
+    payload = read_checkpoint(first)
+    assert payload["train_args"]["refine_labels"] == "local" and "label_model" in payload
+    resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first, **recipe))
+    for saved, restored in zip(payload["label_model"].values(), resumed.refiner.model.state_dict().values()):
+        assert torch.equal(saved, restored)
+    resumed.fit()
+    assert resumed.seen == full.seen[4:]
+

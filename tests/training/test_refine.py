@@ -1,0 +1,86 @@
+"""--refine_labels local: a per-pixel classifier of local appearance outvotes the LR label's blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.refine import LabelRefiner, fit_local_model, local_features
+
+TREE, GRASS = 2, 3
+
+
+def blocky_scene(seed: int, size: int = 96):
+    """Image and LR labels of a scene whose labels are two blocks, as an NLCD raster's are.
+
+    Trees are dark and textured, grass bright and smooth. The left half is labelled "forest"
+    (code 41 -> tree canopy) but holds a 20 x 20 lawn; the right half is labelled "pasture" (code 81
+    -> low vegetation) but holds a 20 x 20 clump of trees. True classes: ``truth``.
+    """
+    rng = np.random.default_rng(seed)
+    truth = np.full((size, size), TREE)
+    truth[:, size // 2:] = GRASS
+    truth[8:28, 8:28] = GRASS
+    truth[60:80, 60:80] = TREE
+    image = np.where(truth == TREE, -1.0 + 0.8 * rng.standard_normal((4, size, size)),
+                     1.0 + 0.1 * rng.standard_normal((4, size, size)))
+    codes = np.where(np.arange(size)[None, :] < size // 2, 41, 81) * np.ones((size, 1), dtype=np.int64)
+    label = np.where(codes == 41, TREE, GRASS)
+    return (torch.tensor(image, dtype=torch.float32)[None], torch.tensor(codes)[None], torch.tensor(label)[None],
+            torch.tensor(truth)[None])
+
+
+def allowed_table():
+    """Codes 41 and 81 may each hold tree canopy or low vegetation; code 11 only water."""
+    table = np.zeros((100, 5), dtype=bool)
+    table[[41, 81], TREE] = table[[41, 81], GRASS] = True
+    table[11, 1] = True
+    return table
+
+
+def test_the_local_model_finds_what_the_blocks_mislabel():
+    image, codes, label, truth = blocky_scene(0)
+    model, stats = fit_local_model([(image, label)], classes=5, balance=1.0, seed=0)
+    refined = LabelRefiner(model, allowed_table(), torch.device("cpu"))(image, codes, label)
+    assert (label == truth).float().mean() < 0.92  # the LR label is wrong on the lawn and the clump
+    assert (refined == truth).float().mean() > 0.955  # wrong only along class edges, where windows mix
+    assert (refined[:, 12:24, 12:24] == GRASS).all()  # the lawn inside the forest block
+    assert (refined[:, 64:76, 64:76] == TREE).all()  # the trees inside the pasture block
+    assert 0.85 < stats["agreement"] < 0.95 and stats["pixels"] == 4096  # PIXELS_PER_CHIP drawn
+
+
+def test_refined_classes_stay_within_what_the_code_allows_and_no_data_stays_ignored():
+    image, codes, label, _ = blocky_scene(1)
+    model, _ = fit_local_model([(image, label)], classes=5, balance=1.0, seed=0)
+    codes[:, :, :8] = 11  # a strip coded water: only water is allowed there, whatever it looks like
+    label[:, :, :8] = 1
+    label[:, :4, :] = 0  # no data
+    refined = LabelRefiner(model, allowed_table(), torch.device("cpu"))(image, codes, label)
+    assert (refined[:, 4:, :8] == 1).all()
+    assert (refined[:, :4, :] == 0).all()
+    assert set(refined[:, 4:, 8:].unique().tolist()) <= {TREE, GRASS}
+
+
+def test_fit_is_reproducible_from_the_seed_and_leaves_the_global_rng_alone():
+    image, _, label, _ = blocky_scene(2)
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    first, _ = fit_local_model([(image, label)], classes=5, balance=0.5, seed=3)
+    assert torch.equal(torch.rand(3), before)
+    second, _ = fit_local_model([(image, label)], classes=5, balance=0.5, seed=3)
+    other, _ = fit_local_model([(image, label)], classes=5, balance=0.5, seed=4)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()))
+
+
+def test_local_features_are_band_mean_and_spread_over_the_window():
+    x = torch.randn(1, 2, 9, 9)
+    feats = local_features(x, radius=1)
+    window = x[0, :, 3:6, 3:6].reshape(2, -1)
+    assert torch.allclose(feats[0, :2, 4, 4], x[0, :, 4, 4])
+    assert torch.allclose(feats[0, 2:4, 4, 4], window.mean(1), atol=1e-6)
+    assert torch.allclose(feats[0, 4:, 4, 4], window.std(1, unbiased=False), atol=1e-5)
+    corner = x[0, :, :2, :2].reshape(2, -1)  # at the edge: the part of the window inside the chip
+    assert torch.allclose(feats[0, 2:4, 0, 0], corner.mean(1), atol=1e-6)

@@ -1,0 +1,130 @@
+"""Label refinement by local appearance (``--refine_labels local``).
+
+An LR label gives one class to every 1 m pixel of a 30 m block, so a lawn inside a forest block is
+labelled "tree canopy". A network with a wide receptive field learns the blocks themselves: it
+reads "this is a forest area" from the context and paints the whole block tree canopy, on the
+tiles it trained on and on new ones. A classifier that sees only a pixel and its 11 x 11
+neighbourhood cannot learn the blocks; it learns what each class looks like, and because the
+mislabelled pixels are a minority of their class's appearance, it outvotes them (class-balanced,
+so that a rare class is not simply absorbed by a common one).
+
+So before the first step a small per-pixel classifier (the pixel's bands and the local mean and
+spread of each band, into a 32-unit hidden layer) is fitted to the LR labels of chips sampled from
+the training tiles. During training each chip's label is replaced by that classifier's argmax
+among the classes its LR code allows (the dataset's ``lr_mixes``: a forest block may hold tree
+canopy and low vegetation, never water), and the network learns from the refined labels with its
+usual loss. No-data pixels stay ignored. The classifier is fitted on the CPU from the run's seed,
+so every rank, and a resumed run, gets the same one; it is stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.losses import IGNORE_INDEX
+
+#: Half-side of the neighbourhood whose mean and spread describe a pixel (11 x 11 at 5).
+RADIUS = 5
+HIDDEN = 32
+FIT_STEPS = 300
+FIT_BATCH = 8192
+FIT_LR = 1e-2
+#: Pixels drawn from each sampled chip to fit the classifier.
+PIXELS_PER_CHIP = 4096
+
+
+def local_features(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+    """``(B, 3C, H, W)``: each band, its mean and its standard deviation over the ``2r+1`` square
+    around the pixel (the part of the square inside the chip)."""
+    side = 2 * radius + 1
+    x = x.float()
+    mean = F.avg_pool2d(x, side, stride=1, padding=radius, count_include_pad=False)
+    square = F.avg_pool2d(x * x, side, stride=1, padding=radius, count_include_pad=False)
+    return torch.cat([x, mean, (square - mean * mean).clamp_min(0).sqrt()], dim=1)
+
+
+class LocalLabelModel(nn.Module):
+    """Per-pixel classifier of :func:`local_features` (1 x 1 convolutions: an MLP per pixel)."""
+
+    def __init__(self, bands: int, classes: int, radius: int = RADIUS, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.radius = radius
+        self.net = nn.Sequential(nn.Conv2d(3 * bands, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(local_features(x, self.radius))
+
+
+def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes: int, balance: float, seed: int,
+                    radius: int = RADIUS) -> tuple[LocalLabelModel, dict[str, float]]:
+    """Fit :class:`LocalLabelModel` to LR labels, on the CPU, reproducibly from ``seed``.
+
+    Args:
+        chips: ``(image, label)`` pairs: normalised ``(B, bands, S, S)`` float32 and ``(B, S, S)``
+            int64 LR classes (0 = no data, ignored).
+        classes: number of classes, no-data class 0 included.
+        balance: class weights ``share ** -balance`` (1: every class counts as much in total).
+        seed: seed of the pixel draws and of the initialisation.
+
+    Returns:
+        The model (eval mode) and figures for the log: ``pixels`` used and ``agreement``, the
+        share of those pixels whose refined class is their LR class.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    features, labels = [], []
+    for image, label in chips:
+        feats = local_features(image, radius).permute(0, 2, 3, 1).reshape(-1, 3 * image.shape[1])
+        flat = label.reshape(-1)
+        keep = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
+        per_batch = PIXELS_PER_CHIP * image.shape[0]
+        if len(keep) > per_batch:
+            keep = keep[torch.randperm(len(keep), generator=generator)[:per_batch]]
+        features.append(feats[keep])
+        labels.append(flat[keep])
+    x, y = torch.cat(features), torch.cat(labels)
+    if len(y) == 0:
+        raise ValueError("no labelled pixel to fit the label model")
+    share = torch.bincount(y, minlength=classes).double() / len(y)
+    weights = torch.where(share > 0, share.clamp_min(1e-12) ** -balance, torch.zeros_like(share))
+    weights = (weights / (weights * share).sum()).float()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LocalLabelModel(x.shape[1] // 3, classes, radius)
+    head = nn.Sequential(*[layer for layer in model.net])  # the same modules, on (N, F, 1, 1) inputs
+    optimizer = torch.optim.Adam(model.parameters(), lr=FIT_LR)
+    for _ in range(FIT_STEPS):
+        pick = torch.randint(0, len(y), (min(FIT_BATCH, len(y)),), generator=generator)
+        logits = head(x[pick][:, :, None, None])[:, :, 0, 0]
+        loss = F.cross_entropy(logits, y[pick], weight=weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        fitted = head(x[:, :, None, None])[:, :, 0, 0]
+        fitted[:, IGNORE_INDEX] = float("-inf")
+        agreement = float((fitted.argmax(1) == y).float().mean())
+    return model, {"pixels": float(len(y)), "agreement": agreement}
+
+
+class LabelRefiner:
+    """Replaces each chip's LR classes by the local model's argmax among the classes its code allows."""
+
+    def __init__(self, model: LocalLabelModel, allowed: np.ndarray, device: torch.device) -> None:
+        """``allowed``: ``(codes, classes)`` bool, the classes each raw LR code may hold."""
+        self.model = model.to(device).eval()
+        self.allowed = torch.from_numpy(np.asarray(allowed, dtype=bool)).to(device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, codes: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Refined ``(B, H, W)`` int64 labels of normalised chips ``x``; no-data pixels stay 0."""
+        logits = self.model(x).float()
+        allowed = self.allowed[codes.long()].permute(0, 3, 1, 2)
+        refined = logits.masked_fill(~allowed, float("-inf")).argmax(dim=1)
+        return torch.where(label == IGNORE_INDEX, label, refined)
