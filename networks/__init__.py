@@ -28,6 +28,7 @@ _HOME = {
     "load_model": "networks.checkpoint",
     "model_from_checkpoint": "networks.checkpoint",
     "read_checkpoint": "networks.checkpoint",
+    "resolve_pretrained": "networks.pretrained",
     "save_checkpoint": "networks.checkpoint",
 }
 

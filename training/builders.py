@@ -18,7 +18,7 @@ from dataset import DatasetDefinition, TileEntry
 from dataset.checks import check_entries, label_histogram, raise_problems
 from dataset.errors import InputError
 from dataset.raster_io import open_raster
-from networks import load_deit_weights
+from networks import load_deit_weights, resolve_pretrained
 from networks.config import get_config
 from training.chips import ChipBatch, ChipStream, StreamError, normalization_constants, normalize_on_device
 from training.distributed import DistributedContext
@@ -100,9 +100,9 @@ def model(options: TrainOptions, config: Any, ctx: DistributedContext, log: RunL
     torch.manual_seed(options.seed)
     built = networks.build_model(config)
     if options.pretrained and resume_from is None:
-        report = load_deit_weights(built, options.pretrained)
-        log.info(f"pretrained: {len(report['loaded'])} tensors from {options.pretrained}, "
-                 f"{len(report['skipped'])} unused")
+        path = resolve_pretrained(options.pretrained, progress=ctx.is_main)
+        report = load_deit_weights(built, path)
+        log.info(f"pretrained: {len(report['loaded'])} tensors from {path}, {len(report['skipped'])} unused")
     elif options.pretrained:
         log.warning("--pretrained ignored: the weights come from --resume")
     if resume_from is not None:

@@ -101,8 +101,10 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")
     CNN_width: int | None = option(None, "L2HNet width: 64 light (published) or 128 normal", group="model",
                                    check=at_least(1), none_means="the --model_config's, 64 for vcnet")
-    pretrained: str | None = option(None, "DeiT-tiny checkpoint (deit_tiny_patch16_224-a1311bcf.pth) for the 12 "
-                                          "transformer blocks", group="model", none_means="random initialisation")
+    pretrained: str | None = option(None, "DeiT-tiny weights for the 12 transformer blocks: a file path, or "
+                                          "deit_tiny_patch16_224 to download the DeiT release's file once into the "
+                                          "torch hub cache (sha256 checked)", group="model",
+                                    none_means="random initialisation")
 
     out_dir: str = option("runs/vcnet", "folder for checkpoints, train.log and tensorboard/", aliases=("--savepath",),
                           group="run")

@@ -1,20 +1,29 @@
 """The run folder (``--out_dir``): checkpoints, what they hold, and the checks that make resume exact.
 
-Layout: ``last.pth`` after every epoch (what ``--resume`` reads), ``epoch_N.pth`` every
-``--save_interval`` epochs and after the last, ``train.log``, ``tensorboard/`` and ``val/`` (the
-maps of the last validation). Every checkpoint is written atomically.
+Layout: ``last.pth`` after every epoch (what ``--resume`` reads: weights plus optimiser state),
+``epoch_N.pth`` every ``--save_interval`` epochs and after the last (model-only snapshots, about half
+the size: what ``test.py`` and ``auto_test.sh`` map with), ``run_config.json`` (every setting, the
+model config, the dataset definition, package versions and the git commit, written at start),
+``train.log``, ``tensorboard/`` and ``val/`` (the maps of the last validation). Every file is
+written atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib.metadata
+import json
 import os
-import shutil
+import platform
+import subprocess
+import sys
 from typing import Any
 
 import torch
 
 from dataset import DatasetDefinition
+from dataset.definition import REPO_ROOT
 from dataset.errors import InputError
 from dataset.files import atomic_output
 from networks import read_checkpoint, save_checkpoint
@@ -23,6 +32,10 @@ from training.options import SCHEDULE_OPTIONS, TrainOptions
 
 #: Entries a checkpoint must have to continue a run from it.
 TRAINING_STATE = ("optimizer", "epoch", "step", "total_steps", "train_args")
+#: Training entries an ``epoch_N.pth`` snapshot leaves out: the optimiser state doubles the file.
+RESUME_ONLY = ("optimizer", "rng")
+#: Distributions whose versions ``run_config.json`` records (the runtime part of requirements.txt).
+RECORDED_PACKAGES = ("torch", "torchvision", "numpy", "rasterio", "tqdm", "tensorboardX", "ml-collections")
 
 
 class RunFolder:
@@ -44,14 +57,28 @@ class RunFolder:
 
     def save(self, epoch: int, *, keep_epoch: bool, model: torch.nn.Module, model_config: Any,
              dataset: DatasetDefinition, state: dict[str, Any]) -> list[str]:
-        """Write ``last.pth`` and, if ``keep_epoch``, a copy as ``epoch_{epoch}.pth``. Returns the paths."""
+        """Write ``last.pth`` (everything, for resume) and, if ``keep_epoch``, ``epoch_{epoch}.pth``
+        without the optimiser state (loads with ``load_model``). Returns the paths."""
         save_checkpoint(self.last, model=model, model_config=model_config, dataset=dataset, **state)
         if not keep_epoch:
             return [self.last]
         path = self.epoch_checkpoint(epoch)
-        with atomic_output(path) as tmp:
-            shutil.copyfile(self.last, tmp)
+        snapshot = {key: value for key, value in state.items() if key not in RESUME_ONLY}
+        save_checkpoint(path, model=model, model_config=model_config, dataset=dataset, **snapshot)
         return [path, self.last]
+
+    def run_config_path(self, start_epoch: int) -> str:
+        """``run_config.json`` for a fresh run; a resumed one keeps it and writes its own beside it."""
+        name = "run_config.json" if start_epoch == 0 else f"run_config_resumed_at_epoch_{start_epoch}.json"
+        return os.path.join(self.path, name)
+
+    def write_run_config(self, start_epoch: int, config: dict[str, Any]) -> str:
+        """Write ``config`` (:func:`run_config`) as indented JSON; returns the path."""
+        path = self.run_config_path(start_epoch)
+        with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, default=str)
+            fh.write("\n")
+        return path
 
 
 def training_state(*, options: TrainOptions, optimizer: torch.optim.Optimizer, epoch: int, step: int,
@@ -76,18 +103,80 @@ def training_state(*, options: TrainOptions, optimizer: torch.optim.Optimizer, e
     }
 
 
+def git_state(folder: str = REPO_ROOT) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the git checkout holding ``folder``; None outside one or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python, the recorded distributions (None when one is not installed), CUDA and cuDNN."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["cuda"] = torch.version.cuda
+    versions["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    return versions
+
+
+def run_config(*, options: TrainOptions, model_config: Any, dataset: DatasetDefinition, list_path: str,
+               tiles: list[str], schedule: dict[str, Any], processes: int, device: torch.device) -> dict[str, Any]:
+    """Everything that defines a run, as plain data: what ``run_config.json`` holds."""
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "options": dataclasses.asdict(options),
+        "model_config": config_to_dict(model_config),
+        "dataset": dataset.to_dict(),
+        "list": os.path.abspath(list_path),
+        "tiles": tiles,
+        "schedule": schedule,
+        "processes": processes,
+        "device": str(device),
+        "versions": package_versions(),
+        "git": git_state(),
+        "host": platform.node(),
+    }
+
+
+def extended_horizon(payload: dict[str, Any], max_epochs: int, steps_per_epoch: int) -> int:
+    """Poly horizon of a resumed run: the checkpoint's, plus the steps of the epochs that a larger
+    ``--max_epochs`` adds (the schedule is re-planned from the current step to the new horizon)."""
+    added = max_epochs - int(payload["train_args"]["max_epochs"])
+    return int(payload["total_steps"]) + max(added, 0) * steps_per_epoch
+
+
 def read_resume(options: TrainOptions, dataset: DatasetDefinition) -> dict[str, Any] | None:
-    """The ``--resume`` checkpoint, checked against this run's settings and dataset (None without it)."""
+    """The ``--resume`` checkpoint, checked against this run's settings and dataset (None without it).
+
+    Every :data:`SCHEDULE_OPTIONS` entry must match, except that a larger ``--max_epochs`` extends
+    the run (see :func:`extended_horizon`).
+    """
     if not options.resume:
         return None
     payload = read_checkpoint(options.resume)
     missing = [k for k in TRAINING_STATE if k not in payload]
     if missing:
-        raise InputError(f"{options.resume}: not a training checkpoint (lacks {missing}); "
-                         "to start from its weights use a fresh run")
+        hint = ("it is a model-only epoch snapshot: resume from last.pth of its run" if "epoch" in payload
+                else "to start from its weights use a fresh run")
+        raise InputError(f"{options.resume}: not a training checkpoint (lacks {missing}); {hint}")
     saved = payload["train_args"]
+    if options.max_epochs < saved["max_epochs"]:
+        raise InputError(f"--max_epochs {options.max_epochs} is below the checkpoint's {saved['max_epochs']} "
+                         f"({options.resume}): a run can be extended, not shortened")
     for name in SCHEDULE_OPTIONS:
-        if saved.get(name) != getattr(options, name):
+        if name != "max_epochs" and saved.get(name) != getattr(options, name):
             raise InputError(f"--{name} {getattr(options, name)!r} differs from the checkpoint's "
                              f"{saved.get(name)!r} ({options.resume}): resume with the original settings")
     if payload["dataset"] != dataset.to_dict():

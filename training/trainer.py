@@ -35,7 +35,15 @@ from training.logger import RunLogger
 from training.losses import LossTerms
 from training.options import TrainOptions
 from training.progress import LOSS_TERMS, EpochMeter
-from training.run_folder import RunFolder, check_resumed_config, check_resumed_tiles, read_resume, training_state
+from training.run_folder import (
+    RunFolder,
+    check_resumed_config,
+    check_resumed_tiles,
+    extended_horizon,
+    read_resume,
+    run_config,
+    training_state,
+)
 from training.sampling import make_rng, poly_lr, published_lr, steps_per_epoch
 from training.validation import validate
 
@@ -91,6 +99,7 @@ class Trainer:
             self.scale, self.shift = normalization_constants(self.dataset.mean, self.dataset.std, self.device)
             self._reported: set[int] = set()
             self._announce()
+            self._write_run_config()
         except BaseException:
             self.close()
             raise
@@ -113,10 +122,17 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.start_epoch = int(payload["epoch"]) + 1
         self.step = int(payload["step"])
-        self.total_steps = int(payload["total_steps"])
+        self.total_steps = extended_horizon(payload, self.opts.max_epochs, self.steps_per_epoch)
         if int(payload.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
             self.log.warning("the number of processes or loader workers differs from the checkpoint's: the run "
                              "continues the same schedule but its batches are not those of the original run")
+        planned = int(payload["train_args"]["max_epochs"])
+        if self.opts.max_epochs != planned:
+            before = poly_lr(self.base_lr, self.step, int(payload["total_steps"]))
+            after = poly_lr(self.base_lr, self.step, self.total_steps)
+            self.log.info(f"extending the run from {planned} to {self.opts.max_epochs} epochs: the poly schedule is "
+                          f"re-planned from step {self.step} to the new horizon {self.total_steps} (was "
+                          f"{payload['total_steps']}); lr at step {self.step} is {after:.3g} (was {before:.3g})")
 
     def _announce(self) -> None:
         opts = self.opts
@@ -131,6 +147,17 @@ class Trainer:
         if self.resume_from is not None:
             done = " (all epochs are done)" if self.start_epoch >= opts.max_epochs else ""
             self.log.info(f"resumed from {opts.resume}: epoch {self.start_epoch + 1}, step {self.step}{done}")
+
+    def _write_run_config(self) -> None:
+        """Rank 0 writes every setting of the run to the run folder before the first step."""
+        if not self.ctx.is_main:
+            return
+        schedule = {"start_epoch": self.start_epoch, "start_step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                    "total_steps": self.total_steps, "base_lr": self.base_lr}
+        config = run_config(options=self.opts, model_config=self.model_config, dataset=self.dataset,
+                            list_path=self.list_path, tiles=builders.tile_names(self.entries), schedule=schedule,
+                            processes=self.ctx.world_size, device=self.device)
+        self.log.info(f"settings written to {self.folder.write_run_config(self.start_epoch, config)}")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -47,7 +48,17 @@ def options(tmp_path, list_dir, **kw) -> TrainOptions:
     return TrainOptions(**base)
 
 
-class Recording(Trainer):
+class KeepsEachLast(Trainer):
+    """Trainer that keeps a copy of ``last.pth`` after every epoch (``last_<epoch>.pth``), to resume
+    from the middle of a run (the ``epoch_N.pth`` snapshots hold no optimiser state)."""
+
+    def save(self, epoch, stats):
+        written = super().save(epoch, stats)
+        shutil.copyfile(self.folder.last, os.path.join(self.folder.path, f"last_{epoch}.pth"))
+        return written
+
+
+class Recording(KeepsEachLast):
     """Trainer that remembers the lr and chips of every step."""
 
     def train_step(self, batch):
@@ -72,7 +83,8 @@ def test_cli_trains_sample_and_writes_checkpoints(tmp_path, four_tiles, capsys):
     assert run_cli(train.main, argv) == 0
     err = capsys.readouterr().err
     assert "--amp needs CUDA" in err
-    assert sorted(os.listdir(save)) == ["epoch_0.pth", "epoch_2.pth", "last.pth", "tensorboard", "train.log"]
+    assert sorted(os.listdir(save)) == ["epoch_0.pth", "epoch_2.pth", "last.pth", "run_config.json", "tensorboard",
+                                        "train.log"]
     payload = read_checkpoint(str(save / "last.pth"))
     assert payload["epoch"] == 2 and payload["step"] == 3 * 4 and payload["total_steps"] == 12
     assert payload["dataset"]["name"] == "sample" and payload["model_config"]["img_size"] == 32
@@ -112,7 +124,7 @@ def test_published_lr_scaling_is_applied(tmp_path, four_tiles):
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, four_tiles):
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2))
     full.fit()
-    first = str(tmp_path / "a" / "run" / "epoch_0.pth")
+    first = str(tmp_path / "a" / "run" / "last_0.pth")
     resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first))
     assert resumed.start_epoch == 1 and resumed.step == 4
     resumed.fit()
@@ -272,7 +284,7 @@ def test_epoch_seed_differs_by_epoch_and_rank():
     assert epoch_seed(1235, 0, 0) != seeds[0, 0]
 
 
-class EpochRng(Trainer):
+class EpochRng(KeepsEachLast):
     """Trainer that records the global torch RNG state (dropout's) at the first step of every epoch."""
 
     def train_epoch(self, epoch):
@@ -295,7 +307,7 @@ def test_dropout_rng_is_reseeded_per_epoch(tmp_path, four_tiles):
     again.fit()
     assert torch.equal(again.rng_states[0], full.rng_states[0])
     resumed = EpochRng(options(tmp_path / "c", four_tiles, max_epochs=2,
-                               resume=str(tmp_path / "a" / "run" / "epoch_0.pth")))
+                               resume=str(tmp_path / "a" / "run" / "last_0.pth")))
     resumed.fit()
     assert sorted(resumed.rng_states) == [1]
     assert torch.equal(resumed.rng_states[1], full.rng_states[1])
@@ -409,7 +421,7 @@ def test_mix_recipe_trains_with_codes_and_is_resume_exact(tmp_path, four_tiles):
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
     assert full.loss.label_loss == "mix" and full.stream.with_codes
     full.fit()
-    first = str(tmp_path / "a" / "run" / "epoch_0.pth")
+    first = str(tmp_path / "a" / "run" / "last_0.pth")
     resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first, **recipe))
     resumed.fit()
     assert resumed.seen == full.seen[4:]  # same chips, orientations and losses after resuming
@@ -482,7 +494,7 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
     full.refiner = CountingRefiner(full.refiner)
     full.fit()
     assert full.refiner.changed > 0  # some labels were refined (the sample's forest blocks hold lawns)
-    first = str(tmp_path / "a" / "run" / "epoch_0.pth")
+    first = str(tmp_path / "a" / "run" / "last_0.pth")
     payload = read_checkpoint(first)
     assert payload["train_args"]["refine_labels"] == "local" and "label_model" in payload
     resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first, **recipe))
@@ -491,3 +503,134 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
     resumed.fit()
     assert resumed.seen == full.seen[4:]
 
+
+# ---------------------------------------------------------------------------- runs: extension, snapshots, settings
+
+
+def test_finished_run_is_extended_with_a_replanned_poly_schedule(tmp_path, four_tiles, capsys):
+    Trainer(options(tmp_path, four_tiles, max_epochs=2)).fit()
+    last = str(tmp_path / "run" / "last.pth")
+    extended = Recording(options(tmp_path, four_tiles, max_epochs=3, resume=last))
+    assert (extended.start_epoch, extended.step, extended.total_steps) == (2, 8, 12)
+    extended.fit()
+    # steps 8..11 follow the poly curve of a 12-step horizon, from the current step on
+    assert [lr for lr, _, _ in extended.seen] == [poly_lr(0.01, t, 12) for t in range(8, 12)]
+    assert extended.seen[0][0] > poly_lr(0.01, 7, 8)  # not the finished run's near-zero lr
+    payload = read_checkpoint(last)
+    assert (payload["epoch"], payload["step"], payload["total_steps"]) == (2, 12, 12)
+    assert payload["train_args"]["max_epochs"] == 3
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "extending the run from 2 to 3 epochs" in log and "new horizon 12 (was 8)" in log
+    assert os.path.isfile(tmp_path / "run" / "epoch_2.pth")  # the new last epoch gets its snapshot
+    # shortening and any other changed setting stay refused
+    argv = ["--dataset", "sample", "--list_dir", four_tiles, "--model_config", "tiny", "--chip_size", "32",
+            "--chips_per_tile", "2", "--num_workers", "0", "--out_dir", str(tmp_path / "run"), "--resume", last]
+    assert "can be extended, not shortened" in cli_error(capsys, argv + ["--max_epochs", "2"])
+    message = cli_error(capsys, argv + ["--max_epochs", "4", "--base_lr", "0.02"])
+    assert "--base_lr 0.02 differs" in message
+
+
+def test_epoch_snapshots_are_model_only_and_map(tmp_path, four_tiles, capsys):
+    import test as test_script
+
+    Trainer(options(tmp_path, four_tiles, max_epochs=2)).fit()
+    run = tmp_path / "run"
+    last, snapshot = read_checkpoint(str(run / "last.pth")), read_checkpoint(str(run / "epoch_1.pth"))
+    assert "optimizer" in last and "optimizer" not in snapshot and "rng" not in snapshot
+    assert (snapshot["epoch"], snapshot["step"]) == (1, 8)
+    for key, value in last["state_dict"].items():
+        assert torch.equal(value, snapshot["state_dict"][key]), key
+    # SGD momentum is one buffer per parameter: the snapshot is about half the size of last.pth
+    assert os.path.getsize(run / "epoch_1.pth") < 0.6 * os.path.getsize(run / "last.pth")
+    model = load_model(str(run / "epoch_1.pth"))
+    assert model.dataset.name == "sample" and not model.training
+    image = read_list(four_tiles)[0].image
+    one = write_list(tmp_path / "one.csv", [(image, "", "")])
+    code = run_cli(test_script.main, ["--checkpoint", str(run / "epoch_1.pth"), "--list_dir", one, "--out_dir",
+                                      str(tmp_path / "maps"), "--chip_size", "32", "--stride", "16", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert len(os.listdir(tmp_path / "maps")) == 1
+    message = cli_error(capsys, ["--dataset", "sample", "--list_dir", four_tiles, "--model_config", "tiny",
+                                 "--chip_size", "32", "--chips_per_tile", "2", "--max_epochs", "2", "--num_workers",
+                                 "0", "--out_dir", str(run), "--resume", str(run / "epoch_1.pth")])
+    assert "model-only epoch snapshot: resume from last.pth" in message
+
+
+def test_run_config_records_every_setting(tmp_path, four_tiles):
+    import dataclasses
+    import json
+    import subprocess
+
+    from dataset import load_dataset
+
+    trainer = Trainer(options(tmp_path, four_tiles, max_epochs=1, CNN_width=16, seed=7))
+    trainer.fit()
+    config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert config["options"] == json.loads(json.dumps(dataclasses.asdict(trainer.opts)))
+    assert config["options"]["seed"] == 7 and config["options"]["list_dir"] == four_tiles
+    assert config["model_config"]["l2hnet"]["width"] == 16 and config["model_config"]["img_size"] == 32
+    assert config["dataset"] == load_dataset("sample").to_dict()
+    assert config["list"] == four_tiles
+    assert config["tiles"] == [os.path.basename(e.image) for e in read_list(four_tiles)]
+    assert config["schedule"] == {"start_epoch": 0, "start_step": 0, "steps_per_epoch": 4, "total_steps": 4,
+                                  "base_lr": 0.01}
+    assert config["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert config["versions"]["numpy"] == np.__version__ and config["versions"]["rasterio"] == rasterio.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(train.__file__)),
+                          capture_output=True, text=True)
+    assert (config["git"] or {}).get("commit") == (head.stdout.strip() if head.returncode == 0 else None)
+    # a resumed run keeps the first file and writes its own beside it
+    Trainer(options(tmp_path, four_tiles, max_epochs=2, CNN_width=16, seed=7,
+                    resume=str(tmp_path / "run" / "last.pth"))).close()
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["options"]["max_epochs"] == 1
+    resumed = json.loads((tmp_path / "run" / "run_config_resumed_at_epoch_1.json").read_text())
+    assert resumed["options"]["max_epochs"] == 2 and resumed["schedule"]["start_step"] == 4
+
+
+class LabelRecording(Trainer):
+    """Trainer that keeps the (tile, class indices) of every chip it trains on."""
+
+    def train_step(self, batch):
+        self.labels = getattr(self, "labels", [])
+        self.labels += [(int(chip[0]), label.clone()) for chip, label in zip(batch.chips, batch.label)]
+        return super().train_step(batch)
+
+
+def test_published_layout_trains_without_conversion(tmp_path, capsys):
+    """HR_image/ + LR_label_4class/ with the published codes 0-5: code 4 is ignored, a chip with a
+    code-0 pixel is skipped, and the raw-NLCD Chesapeake definition would refuse these labels."""
+    from dataset import load_dataset
+    from dataset.definition import REPO_ROOT
+    from dataset.lists import read_dataset_list
+
+    rng = np.random.default_rng(3)
+    labels = {"a": rng.choice([1, 2, 3, 5], (64, 64)), "b": np.full((64, 64), 4), "c": np.full((32, 32), 3)}
+    labels["c"][16, 16] = 0  # the only chip position of this 32 x 32 tile holds a no-data pixel
+    rows = []
+    for tile, label in labels.items():
+        side = label.shape[0]
+        write_geotiff(str(tmp_path / "HR_image" / f"{tile}_naip-new.tif"),
+                      rng.integers(1, 255, (4, side, side), dtype=np.uint8))
+        write_geotiff(str(tmp_path / "LR_label_4class" / f"{tile}_nlcd.tif_4class.tif"), label.astype(np.uint8))
+        rows.append((f"./HR_image/{tile}_naip-new.tif", f"./LR_label_4class/{tile}_nlcd.tif_4class.tif"))
+    published = write_list(tmp_path / "published.csv", rows, ("image_fn", "label_fn"))
+    trainer = LabelRecording(options(tmp_path, published, dataset="Chesapeake_published", max_epochs=1))
+    stats = trainer.fit()["epochs"][0]
+    assert stats["skipped_chips"] == 2 and stats["steps"] == 2  # tile c's two chips are skipped
+    seen = {tile: torch.stack([label for t, label in trainer.labels if t == index])
+            for index, tile in enumerate("abc") if any(t == index for t, _ in trainer.labels)}
+    assert sorted(seen) == ["a", "b"]
+    assert torch.all(seen["b"] == 0)  # code 4 (barren) is ignored by the loss
+    assert set(torch.unique(seen["a"]).tolist()) == {1, 2, 3, 4}  # code 5 is class 4, impervious
+    assert load_model(str(tmp_path / "run" / "last.pth")).dataset.name == "Chesapeake_published"
+    # the raw-NLCD definition refuses the published codes
+    message = cli_error(capsys, ["--dataset", "Chesapeake", "--list_dir", published, "--model_config", "tiny",
+                                 "--chip_size", "32", "--max_epochs", "1", "--num_workers", "0", "--out_dir",
+                                 str(tmp_path / "raw")])
+    assert "are not in the NLCD 2011" in message
+    # the shipped list points at the published folders, relative to the repository root
+    list_path, entries = read_dataset_list(load_dataset("Chesapeake_published"), check_exists=False)
+    assert len(entries) == 100 and list_path.endswith("Chesapeake_NewYork_published.csv")
+    folder = os.path.join(REPO_ROOT, "dataset", "Chesapeake_NewYork_dataset")
+    assert entries[0].image == os.path.join(folder, "HR_image", "m_4107507_ne_18_1_naip-new.tif")
+    assert entries[0].label == os.path.join(folder, "LR_label_4class", "m_4107507_ne_18_1_nlcd.tif_4class.tif")
