@@ -5,6 +5,8 @@ Two parts:
 * :func:`confusion_for_pair` streams one prediction GeoTIFF and its reference by windows and
   counts a confusion matrix; :func:`confusion_from_arrays` does the same for arrays.
 * :func:`compute_metrics` and :func:`legacy_metrics` are pure functions of a confusion matrix.
+* :func:`published_confusion` and :func:`published_confusion_for_pair` count the matrix exactly as
+  the published evaluation did (design §8.2), for ``mIoU.py --protocol published``.
 
 Confusion-matrix convention (spec 8.3): with ``K`` evaluation classes (index 0 = no data),
 ``cm`` has shape ``(K, K + 1)``; row ``i`` counts reference class ``i + 1`` and column ``j`` the
@@ -142,13 +144,79 @@ def confusion_for_pair(pred_path: str, ref_path: str, dataset, window_pixels: in
     cm = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
     with open_raster(ref_path, "reference") as ref_src, open_raster(pred_path, "prediction") as pred_src:
         check_same_grid(ref_src, pred_src)
-        rows = max(1, window_pixels // max(ref_src.width, 1))
-        for row in range(0, ref_src.height, rows):
-            window = ((row, min(row + rows, ref_src.height)), (0, ref_src.width))
-            ref = dataset.hr_label.map(read_window(ref_src, window, bands=[1])[0], source=ref_path)
-            pred = _prediction_to_eval(read_window(pred_src, window, bands=[1])[0], lut, pred_path)
-            cm += confusion_from_arrays(ref, pred, num_classes)
+        for ref, pred in _band1_strips(ref_src, pred_src, window_pixels):
+            ref = dataset.hr_label.map(ref, source=ref_path)
+            cm += confusion_from_arrays(ref, _prediction_to_eval(pred, lut, pred_path), num_classes)
     return cm
+
+
+def _band1_strips(ref_src, pred_src, window_pixels: int):
+    """``(reference, prediction)`` band-1 arrays of the same strip of rows, top to bottom."""
+    rows = max(1, window_pixels // max(ref_src.width, 1))
+    for row in range(0, ref_src.height, rows):
+        window = ((row, min(row + rows, ref_src.height)), (0, ref_src.width))
+        yield read_window(ref_src, window, bands=[1])[0], read_window(pred_src, window, bands=[1])[0]
+
+
+#: Classes of the published evaluation: values 0..4 of reference and prediction, class 0 included.
+PUBLISHED_CLASSES = 5
+
+
+def published_confusion(ref: np.ndarray, pred: np.ndarray, source: str = "prediction") -> tuple[np.ndarray, int]:
+    """The published evaluation's matrix of one pair of arrays (design §8.2).
+
+    Predictions equal to 5 count as 4; only pixels with ``0 <= ref < 5`` are counted, reference 0
+    included as row 0 (no HR table, no no-data exclusion).
+
+    Returns:
+        ``(int64 (5, 5) matrix, rows reference 0..4, columns prediction 0..4; number of reference
+        pixels dropped for lying outside 0..4)``.
+
+    Raises:
+        InputError: a kept pixel's prediction outside 0..5 (the published script fails there too).
+    """
+    ref = np.asarray(ref).astype(np.int64).ravel()
+    pred = np.asarray(pred).astype(np.int64).ravel()
+    pred = np.where(pred == 5, 4, pred)
+    keep = (ref >= 0) & (ref < PUBLISHED_CLASSES)
+    ref, pred = ref[keep], pred[keep]
+    if pred.size and (pred.min() < 0 or pred.max() >= PUBLISHED_CLASSES):
+        bad = sorted({int(v) for v in np.unique(pred[(pred < 0) | (pred >= PUBLISHED_CLASSES)])})
+        raise InputError(f"{source}: predicted values {bad[:20]} are outside the published evaluation's 0..5")
+    counts = np.bincount(ref * PUBLISHED_CLASSES + pred, minlength=PUBLISHED_CLASSES ** 2)
+    return counts.reshape(PUBLISHED_CLASSES, PUBLISHED_CLASSES), int(keep.size - keep.sum())
+
+
+def published_confusion_for_pair(pred_path: str, ref_path: str, reference_table=None,
+                                 window_pixels: int = WINDOW_PIXELS) -> tuple[np.ndarray, int] | None:
+    """:func:`published_confusion` of one prediction GeoTIFF and its reference, read by windows.
+
+    Args:
+        reference_table: optional :class:`dataset.definition.LabelTable` applied to the reference
+            first (raw CCLC codes to 0..4, no data to 0); None reads the values as they are, as
+            the published script did.
+
+    Returns:
+        The matrix and the dropped-pixel count, or None when the two rasters hold different
+        numbers of pixels: the published script skips such a pair.
+
+    Raises:
+        InputError: unreadable files; equal pixel counts on different shapes (the published script
+            would pair unrelated pixels); predictions outside 0..5.
+    """
+    with open_raster(ref_path, "reference") as ref_src, open_raster(pred_path, "prediction") as pred_src:
+        if ref_src.width * ref_src.height != pred_src.width * pred_src.height:
+            return None
+        check_same_grid(ref_src, pred_src, check_georef=False)
+        cm = np.zeros((PUBLISHED_CLASSES, PUBLISHED_CLASSES), dtype=np.int64)
+        dropped = 0
+        for ref, pred in _band1_strips(ref_src, pred_src, window_pixels):
+            if reference_table is not None:
+                ref = reference_table.map(ref, source=ref_path)
+            one, lost = published_confusion(ref, pred, pred_path)
+            cm += one
+            dropped += lost
+    return cm, dropped
 
 
 def compute_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

@@ -6,6 +6,9 @@
 :func:`scoring.metrics.confusion_for_pair`) and returns the metrics of
 :func:`scoring.metrics.compute_metrics` plus per-tile figures. :func:`format_report` prints it and
 :func:`append_summary` adds a row to a CSV (one row per checkpoint in ``auto_test.sh``).
+
+:func:`evaluate_published` is the published evaluation, reproduced exactly so that a figure can be put
+beside the paper's (``mIoU.py --protocol published``, design §8.2).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataset.files import atomic_output
 from dataset.raster_io import open_raster
 from mapping.writer import DATASET_TAG, output_name
 from scoring.figures import write_confusion_png
-from scoring.metrics import compute_metrics, confusion_for_pair
+from scoring.metrics import compute_metrics, confusion_for_pair, legacy_metrics, published_confusion_for_pair
 from scoring.options import ScoreOptions
 
 
@@ -96,6 +99,78 @@ def evaluate_pairs(pairs: Iterable[tuple[str, str]], dataset,
     result["dataset"] = dataset.name
     result["tiles"] = tiles
     return result
+
+
+#: The published evaluation loop stops this many pairs before the end of its list.
+PUBLISHED_LEFT_OUT = 2
+PUBLISHED_CLASS_NAMES = ("no data", "water", "tree canopy", "low vegetation", "impervious")
+
+
+def evaluate_published(pairs: Sequence[tuple[str, str]], reference_table=None,
+                       progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, Any]:
+    """The published evaluation, step by step (design §8.2).
+
+    * The last :data:`PUBLISHED_LEFT_OUT` pairs of the list are not scored (19 of the 21 New York
+      evaluation tiles, in the published order of ``Chesapeake_NewYork_eval.csv``).
+    * A pair whose rasters hold different numbers of pixels is skipped.
+    * One 5 x 5 matrix over reference values 0..4 (0 kept as a class; values outside 0..4 dropped)
+      and predictions 0..4 (5 counted as 4), summed over the scored pairs.
+    * The figures of :func:`scoring.metrics.legacy_metrics`: "OA" = sum of recall / 4, "mIoU" =
+      sum of IoU / 4 over the reference classes present, FWIoU, kappa over the whole matrix.
+
+    Args:
+        reference_table: None reads reference values as they are, as published (the script expects
+            a reference already mapped to 0..4); a :class:`dataset.definition.LabelTable` maps raw
+            codes first.
+    """
+    pairs = list(pairs)
+    scored = pairs[:max(len(pairs) - PUBLISHED_LEFT_OUT, 0)]
+    total = np.zeros((len(PUBLISHED_CLASS_NAMES),) * 2, dtype=np.int64)
+    dropped, skipped = 0, []
+    for pred, ref in (progress(scored) if progress else scored):
+        counted = published_confusion_for_pair(pred, ref, reference_table)
+        if counted is None:
+            skipped.append(pred)
+            continue
+        total += counted[0]
+        dropped += counted[1]
+    result = legacy_metrics(total)
+    result.update({
+        "protocol": "published",
+        "reference_values": "as stored" if reference_table is None else "mapped through the HR table",
+        "class_names": list(PUBLISHED_CLASS_NAMES),
+        "confusion_matrix": {"rows": "reference 0..4", "columns": "prediction 0..4", "counts": total.tolist()},
+        "counted_pixels": int(total.sum()),
+        "dropped_reference_pixels": dropped,
+        "scored": [pred for pred, _ in scored if pred not in skipped],
+        "skipped_pixel_count_differs": skipped,
+        "not_scored_as_published": [pred for pred, _ in pairs[len(scored):]],
+    })
+    return result
+
+
+def format_published_report(result: dict[str, Any]) -> str:
+    """The published figures, labelled as such, with what was left out."""
+    per_class = "   ".join(f"{name} {format_metric(iou)}" for name, iou in
+                           zip(result["class_names"], result["per_class_iou"]))
+    lines = [
+        f"published evaluation (design §8.2; these are the paper's figures, not correct metrics): "
+        f"{len(result['scored'])} tiles scored, {result['counted_pixels']:,} pixels, reference values "
+        f"{result['reference_values']}",
+        f"  'OA' (sum of recall / 4) {format_metric(result['oa_mean_recall'])}   'mIoU' (sum of IoU / 4) "
+        f"{format_metric(result['miou_sum_over_4'])}   FWIoU {format_metric(result['fw_iou'])}   "
+        f"kappa {format_metric(result['kappa'])}",
+        f"  IoU: {per_class}",
+        "  not scored, as published (the last two pairs of the list): "
+        + (", ".join(os.path.basename(p) for p in result["not_scored_as_published"]) or "none"),
+    ]
+    if result["skipped_pixel_count_differs"]:
+        lines.append("  skipped, pixel counts differ: "
+                     + ", ".join(os.path.basename(p) for p in result["skipped_pixel_count_differs"]))
+    if result["dropped_reference_pixels"]:
+        lines.append(f"  {result['dropped_reference_pixels']:,} reference pixels outside 0..4 were dropped, as "
+                     "published; raw CCLC references lose impervious (5, 6) that way: see --published_reference")
+    return "\n".join(lines)
 
 
 def format_metric(value: float | None, digits: int = 4) -> str:
@@ -184,11 +259,18 @@ def run_scoring(options: ScoreOptions, progress: Callable[[Iterable], Iterable] 
     """
     dataset = load_dataset(options.dataset) if options.dataset else find_prediction_dataset(options.pred_dir)
     list_path, entries = options.read_list(dataset, required=("image_fn", "hr_label_fn"))
-    result = evaluate_pairs(pair_predictions(entries, options.pred_dir), dataset, progress=progress)
+    pairs = pair_predictions(entries, options.pred_dir)
+    if options.protocol == "published":
+        if options.published_reference == "hr_table" and dataset.hr_label is None:
+            raise InputError(f"--published_reference hr_table: dataset {dataset.name!r} has no HR table (hr_label)")
+        table = dataset.hr_label if options.published_reference == "hr_table" else None
+        result = evaluate_published(pairs, table, progress=progress)
+    else:
+        result = evaluate_pairs(pairs, dataset, progress=progress)
     result["pred_dir"] = options.pred_dir
     result["list"] = list_path
     if not options.quiet:
-        print(format_report(result))
+        print(format_published_report(result) if options.protocol == "published" else format_report(result))
     if options.json:
         write_json(options.json, result)
     if options.confusion_png:
