@@ -7,6 +7,7 @@ import argparse
 import ast
 import dataclasses
 import os
+import re
 
 import pytest
 
@@ -30,8 +31,8 @@ ALLOWED = {
 SCRIPTS = {"train", "test", "mIoU", "tools", "tests"}
 
 
-def project_imports(path: str) -> set[str]:
-    """Top-level project names imported anywhere in ``path`` (module level or inside functions)."""
+def imported_names(path: str) -> set[str]:
+    """Top-level names imported anywhere in ``path`` (module level or inside functions)."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     names = set()
     for node in ast.walk(tree):
@@ -39,7 +40,12 @@ def project_imports(path: str) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names & (set(ALLOWED) | SCRIPTS)
+    return names
+
+
+def project_imports(path: str) -> set[str]:
+    """Top-level project names imported anywhere in ``path``."""
+    return imported_names(path) & (set(ALLOWED) | SCRIPTS)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -135,3 +141,33 @@ def test_values_are_checked_before_work(cls, argv, message):
 
 def test_every_cli_options_class_derives_from_options():
     assert all(issubclass(cls, Options) for cls in CLIS)
+
+
+#: Import name of each distribution of requirements.txt whose import name differs.
+IMPORT_NAMES = {"ml-collections": "ml_collections"}
+
+
+def runtime_requirements() -> list[str]:
+    """Distribution names of the runtime part of requirements.txt (above "# Tests")."""
+    names = []
+    for line in open(os.path.join(REPO_ROOT, "requirements.txt"), encoding="utf-8"):
+        if line.startswith("# Tests"):
+            break
+        if line.strip() and not line.startswith("#"):
+            names.append(re.split(r"[<>=!~ ]", line.strip())[0])
+    return names
+
+
+def test_every_runtime_requirement_is_imported_and_recorded():
+    """Nothing is declared and unused, and run_config.json records the version of each."""
+    from training.run_folder import RECORDED_PACKAGES
+
+    imported = set()
+    for folder, _, files in os.walk(REPO_ROOT):
+        if ".git" in folder.split(os.sep):
+            continue
+        imported.update(*(imported_names(os.path.join(folder, name)) for name in files if name.endswith(".py")))
+    requirements = runtime_requirements()
+    unused = [name for name in requirements if IMPORT_NAMES.get(name, name) not in imported]
+    assert not unused, f"declared in requirements.txt but imported nowhere: {unused}"
+    assert sorted(RECORDED_PACKAGES) == sorted(requirements)
