@@ -1,4 +1,4 @@
-"""Score class maps against HR reference land cover: per-class IoU, mIoU, FWIoU, OA, kappa (spec 8).
+"""Score class maps against HR reference land cover: per-class IoU, mIoU, FWIoU, OA, kappa (docs/design.md §8).
 
 Example::
 

@@ -1,4 +1,4 @@
-"""Map GeoTIFF tiles with a VCNet checkpoint: one georeferenced uint8 class map per tile (spec 7).
+"""Map GeoTIFF tiles with a VCNet checkpoint: one georeferenced uint8 class map per tile (docs/design.md §7).
 
 Example::
 

@@ -1,4 +1,4 @@
-"""Train VCNet on GeoTIFF tiles with low-resolution labels (the published recipe, spec section 6).
+"""Train VCNet on GeoTIFF tiles with low-resolution labels (the published recipe, docs/design.md §6).
 
 Examples::
 

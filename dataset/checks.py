@@ -3,7 +3,7 @@
 :func:`check_entry` opens one list row and returns its problems as one-line messages that name the
 file: missing or unreadable rasters, a band count that differs from the dataset definition, label
 and image of different size (or, when both are georeferenced, on different grids), a truncated
-image, and label codes that the dataset's lookup tables do not know (spec section 10, defect 13).
+image, and label codes that the dataset's lookup tables do not know (docs/design.md §10, defect 13).
 It never raises for bad data; the caller decides what to do with the messages.
 """
 

@@ -6,7 +6,7 @@ scoring need nothing but the checkpoint.
 
 Class index 0 is always "no data / ignore": the loss ignores it and a prediction of 0 means
 "no class". Label lookups map raw raster codes (NLCD 11, 41, ...) to class indices; a raw code
-that is not in a lookup is an error, never silently ignored (spec section 10, defect 13).
+that is not in a lookup is an error, never silently ignored (docs/design.md §10, defect 13).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class DatasetDefinition:
     Attributes:
         name: short name (also the JSON file name for the shipped definitions).
         bands: band names in file order; the image must have exactly this many bands.
-        mean, std: per-band normalisation, ``x' = (x - mean) / std`` (spec section 2).
+        mean, std: per-band normalisation, ``x' = (x - mean) / std`` (docs/design.md §2).
         class_names, class_colors: one entry per model output class; index 0 is "no data".
         lr_label: the low-resolution training label table.
         hr_label: optional high-resolution reference table, mapping raw reference codes to

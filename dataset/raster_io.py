@@ -53,7 +53,7 @@ def read_window(src: rasterio.DatasetReader, window: Window | None = None, bands
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Per-band ``(x - mean) / std`` computed in float64 and cast to float32 (spec section 2).
+    """Per-band ``(x - mean) / std`` computed in float64 and cast to float32 (docs/design.md §2).
 
     Args:
         image: ``(C, H, W)`` or ``(B, C, H, W)`` array of raw pixel values.

@@ -29,7 +29,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @dataclasses.dataclass(kw_only=True)
 class SlidingWindowOptions(Options):
-    """The sliding window of the published mapping procedure (spec section 7)."""
+    """The sliding window of the published mapping procedure (docs/design.md §7)."""
 
     chip_size: int = option(224, "sliding-window chip side in pixels, a multiple of 32", group="sliding window",
                             check=multiple_of(SIZE_MULTIPLE))

@@ -1,4 +1,4 @@
-"""Sliding-window mapping of GeoTIFF tiles of any size (spec section 7), one strip at a time.
+"""Sliding-window mapping of GeoTIFF tiles of any size (docs/design.md §7), one strip at a time.
 
 The published procedure, kept exactly:
 
@@ -40,7 +40,7 @@ Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
 def chip_offsets(size: int, chip: int, stride: int) -> list[int]:
-    """Chip offsets along one axis (spec section 7, step 3).
+    """Chip offsets along one axis (docs/design.md §7, step 3).
 
     ``range(0, size - chip, stride)`` followed by ``size - chip``: the last chip is flush with
     the border and no offset repeats. A side not longer than the chip gets the single offset 0

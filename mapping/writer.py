@@ -120,7 +120,7 @@ def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
 def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_size: int = 224, stride: int = 112,
              batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False, overwrite: bool = False,
              probs_path: str | None = None, num_workers: int = 0, overview_min_size: int = OVERVIEW_MIN_SIZE) -> str:
-    """Map one GeoTIFF tile into a class-map GeoTIFF (spec section 7).
+    """Map one GeoTIFF tile into a class-map GeoTIFF (docs/design.md §7).
 
     The output is uint8, one band, with the input's size, CRS and transform, nodata 0, the
     dataset's colour table, and tags ``CLASS_NAMES`` and ``VCNET_DATASET`` (the definition as

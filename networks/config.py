@@ -1,6 +1,6 @@
 """Model configurations (ml-collections ConfigDict). Every size of the model is set here.
 
-``get_vcnet_config()`` is the published model (spec sections 3-4): 4 bands, 5 classes, L2HNet
+``get_vcnet_config()`` is the published model (docs/design.md §3-4): 4 bands, 5 classes, L2HNet
 width 64, ViT-tiny with four interaction stages, UPer 512, decoder 512/640/256.
 ``get_tiny_config()`` is a few-thousand-parameter variant with the same structure, for tests.
 
@@ -44,7 +44,7 @@ def get_vcnet_config() -> ml_collections.ConfigDict:
     c.vit.mlp_ratio = 4.0
     c.vit.qkv_bias = True
     c.vit.layer_scale_init = 1.0
-    # Published code never passes its configured 0.1 on (spec section 10, defect 17).
+    # Published code never passes its configured 0.1 on (docs/design.md §10, defect 17).
     c.vit.drop_path_rate = 0.0
     c.vit.token_dropout = 0.1
     c.vit.interaction_indexes = ((0, 2), (3, 5), (6, 8), (9, 11))
@@ -69,7 +69,7 @@ def get_vcnet_config() -> ml_collections.ConfigDict:
     c.uper.dropout = 0.1
 
     c.aux_head = ml_collections.ConfigDict()
-    c.aux_head.enabled = False  # built, never called in the published model (spec 3.7)
+    c.aux_head.enabled = False  # built, never called in the published model (docs/design.md §3.7)
     c.aux_head.channels = 256
     c.aux_head.in_index = 2
     c.aux_head.dropout = 0.1

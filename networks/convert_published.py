@@ -1,4 +1,4 @@
-"""Convert a published VCNet state_dict into a project checkpoint (spec section 9).
+"""Convert a published VCNet state_dict into a project checkpoint (docs/design.md §9).
 
 Usage::
 
@@ -28,7 +28,7 @@ from networks.checkpoint import save_checkpoint
 from networks.config import get_vcnet_config
 from networks.encoder_decoder import build_model
 
-# Modules of the published model that never run (spec sections 3.6-3.8, 10 defect 18).
+# Modules of the published model that never run (docs/design.md §3.6-3.8 and §10, defect 18).
 UNUSED_PREFIXES = (
     "backbone.pos_embed",
     "backbone.patch_embed.",

@@ -1,4 +1,4 @@
-"""EncoderDecoder: wires L2HNet, the LR tokens, ViT_FuseX and the two heads together (spec section 1).
+"""EncoderDecoder: wires L2HNet, the LR tokens, ViT_FuseX and the two heads together (docs/design.md §1).
 
 ``forward(x)`` returns ``(vit_logits, cnn_logits)`` in the published order, both at input size.
 The CNN branch never sees the transformer: its logits depend only on L2HNet, the token projector,
@@ -33,7 +33,7 @@ def check_input_size(height: int, width: int) -> None:
 
 
 def resize_position_table(table: Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
-    """Bicubic resize of a ``(1, gh*gw, D)`` position table to ``new_grid`` (spec section 10, defect 14)."""
+    """Bicubic resize of a ``(1, gh*gw, D)`` position table to ``new_grid`` (docs/design.md §10, defect 14)."""
     if tuple(grid) == tuple(new_grid):
         return table
     dim = table.shape[-1]

@@ -1,4 +1,4 @@
-"""Segmentation heads of the transformer branch: UPerHead (spec 3.5) and the FCN auxiliary head (3.7).
+"""Segmentation heads of the transformer branch: UPerHead (docs/design.md §3.5) and the FCN auxiliary head (3.7).
 
 Attribute names follow the mmsegmentation names of the published checkpoint (``lateral_convs``,
 ``psp_modules``, ``bottleneck``, ``fpn_convs``, ``fpn_bottleneck``, ``conv_seg``), built with plain

@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention in pure PyTorch (spec section 3.3.4, "MSDA").
+"""Multi-scale deformable attention in pure PyTorch (docs/design.md §3.3.4, "MSDA").
 
 No compiled extension: the sampling is ``F.grid_sample`` with bilinear interpolation, zero padding
 and ``align_corners=False``, which is exactly the Deformable-DETR kernel's semantics (pixel centres

@@ -1,4 +1,4 @@
-"""Initialise the transformer blocks from a DeiT-tiny ImageNet checkpoint (spec section 6.6).
+"""Initialise the transformer blocks from a DeiT-tiny ImageNet checkpoint (docs/design.md §6.6).
 
 The checkpoint is a timm-layout state_dict (``blocks.{i}.norm1.weight``, ...), optionally wrapped
 in ``{"model": ...}``. Only the blocks' norm1/attn/norm2/mlp tensors are used: everything else

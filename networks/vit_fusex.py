@@ -1,8 +1,8 @@
-"""ViT_FuseX: the hybrid transformer backbone of VCNet (spec section 3.3).
+"""ViT_FuseX: the hybrid transformer backbone of VCNet (docs/design.md §3.3).
 
 ViT-tiny blocks on the LR-token sequence, a spatial-prior CNN on the L2HNet full-resolution
 feature, and four interaction stages that exchange information between the two through
-multi-scale deformable attention. Attribute names follow the published state_dict (spec section 9).
+multi-scale deformable attention. Attribute names follow the published state_dict (docs/design.md §9).
 
 Token layouts: ViT tokens X are ``(B, h*w, D)`` with ``h, w = H/16, W/16``; CNN tokens C are the
 three levels ``[C8 | C16 | C32]`` of ``(2h, 2w)``, ``(h, w)`` and ``(h/2, w/2)`` tokens, each
@@ -46,7 +46,7 @@ def add_to_s16(c: Tensor, x: Tensor, h: int, w: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# ViT-tiny block (DeiT layout, spec 3.3.3)
+# ViT-tiny block (DeiT layout, docs/design.md §3.3.3)
 # --------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Multi-head self-attention with one qkv projection.
@@ -109,7 +109,7 @@ class Block(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Spatial-prior CNN (spec 3.3.1)
+# Spatial-prior CNN (docs/design.md §3.3.1)
 # --------------------------------------------------------------------------------------------------
 def _conv_bn_relu_nobias(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
@@ -145,7 +145,7 @@ class SpatialPriorModule(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Interaction building blocks (spec 3.3.4)
+# Interaction building blocks (docs/design.md §3.3.4)
 # --------------------------------------------------------------------------------------------------
 class LevelDWConv(nn.Module):
     """One depthwise 3x3 conv applied to each CNN-token level separately (weights shared)."""
@@ -277,7 +277,7 @@ class ExtraExtractor(ViTToCNNExtractor):
 
 
 class InteractionBlock(nn.Module):
-    """One interaction stage (spec 3.3.5): MRFP, injector, ViT blocks, extractor(s)."""
+    """One interaction stage (docs/design.md §3.3.5): MRFP, injector, ViT blocks, extractor(s)."""
 
     def __init__(self, dim: int, num_heads: int, n_points: int, deform_ratio: float, ffn_hidden: int,
                  mrfp_hidden: int, injector_init: float, extra_extractors: int = 0) -> None:
@@ -364,7 +364,7 @@ class ViT_FuseX(nn.Module):  # noqa: N801 - the published class name
 
     @torch.no_grad()
     def init_weights(self, injector_init: float = 0.0) -> None:
-        """Published initialisation (spec 3.10). The spatial-prior CNN keeps PyTorch defaults, as the
+        """Published initialisation (docs/design.md §3.10). The spatial-prior CNN keeps PyTorch defaults, as the
         published model's used copy does."""
 
         def init_module(module: nn.Module) -> None:

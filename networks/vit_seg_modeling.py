@@ -1,4 +1,4 @@
-"""The CNN branch's cascaded decoder (DecoderCup) and segmentation head (spec section 3.6)."""
+"""The CNN branch's cascaded decoder (DecoderCup) and segmentation head (docs/design.md §3.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""L2HNet: the high-resolution CNN encoder of VCNet (spec section 3.1).
+"""L2HNet: the high-resolution CNN encoder of VCNet (docs/design.md §3.1).
 
 Seven resolution-preserving (RP) blocks at full resolution, their outputs concatenated, then three
 weight-standardised strided convolutions down to stride 16. Works at width 64 ("light", the

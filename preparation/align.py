@@ -1,6 +1,6 @@
 """Put a low-resolution (LR) land-cover product onto the exact grid of high-resolution image tiles.
 
-The LR label of a tile must have the tile's size (spec section 6.1); here it also gets the tile's
+The LR label of a tile must have the tile's size (docs/design.md §6.1); here it also gets the tile's
 CRS and transform, so label and image agree pixel for pixel. For every tile the output
 ``<stem>_lr.tif`` is uint8, nodata 0, tiled and compressed, and is made one output window at a time:
 

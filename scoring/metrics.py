@@ -1,4 +1,4 @@
-"""Accuracy of a land-cover map against a high-resolution reference (spec sections 8.2 and 8.3).
+"""Accuracy of a land-cover map against a high-resolution reference (docs/design.md §8.2 and §8.3).
 
 Two parts:
 
@@ -8,7 +8,7 @@ Two parts:
 * :func:`published_confusion` and :func:`published_confusion_for_pair` count the matrix exactly as
   the published evaluation did (design §8.2), for ``mIoU.py --protocol published``.
 
-Confusion-matrix convention (spec 8.3): with ``K`` evaluation classes (index 0 = no data),
+Confusion-matrix convention (docs/design.md §8.3): with ``K`` evaluation classes (index 0 = no data),
 ``cm`` has shape ``(K, K + 1)``; row ``i`` counts reference class ``i + 1`` and column ``j`` the
 predicted class ``j`` (column 0 = the model predicted "no data"). Reference no-data pixels are
 never counted. A predicted 0 is therefore an error for the reference class of its row: a false
@@ -220,7 +220,7 @@ def published_confusion_for_pair(pred_path: str, ref_path: str, reference_table=
 
 
 def compute_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Correct accuracy figures of a ``(K, K + 1)`` confusion matrix (spec 8.3).
+    """Correct accuracy figures of a ``(K, K + 1)`` confusion matrix (docs/design.md §8.3).
 
     * ``overall_accuracy`` = correct pixels / valid pixels (predicted 0 counts as wrong).
     * per class ``iou`` = TP / (TP + FP + FN), ``precision`` = TP / predicted,
@@ -289,7 +289,7 @@ def square_matrix(cm: np.ndarray) -> np.ndarray:
 
 
 def legacy_metrics(cm: np.ndarray, divisor: int = 4) -> dict[str, Any]:
-    """The figures the published evaluation reports (spec 8.2), reproduced as defined there.
+    """The figures the published evaluation reports (docs/design.md §8.2), reproduced as defined there.
 
     They are **not** correct accuracy measures; report them only to compare with the paper.
 
@@ -324,6 +324,6 @@ def legacy_metrics(cm: np.ndarray, divisor: int = 4) -> dict[str, Any]:
         "kappa": _kappa(tp.sum(), rows, cols, total),
         "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
         "frequency": [float(v) for v in freq],
-        "note": "published evaluation (spec 8.2): 'OA' is mean per-class recall and 'mIoU' divides "
+        "note": "published evaluation (docs/design.md §8.2): 'OA' is mean per-class recall and 'mIoU' divides "
                 f"by a fixed {divisor}; not correct metrics, reported only to compare with the paper",
     }

@@ -154,7 +154,7 @@ def format_published_report(result: dict[str, Any]) -> str:
     per_class = "   ".join(f"{name} {format_metric(iou)}" for name, iou in
                            zip(result["class_names"], result["per_class_iou"]))
     lines = [
-        f"published evaluation (design §8.2; these are the paper's figures, not correct metrics): "
+        f"published evaluation (docs/design.md §8.2; these are the paper's figures, not correct metrics): "
         f"{len(result['scored'])} tiles scored, {result['counted_pixels']:,} pixels, reference values "
         f"{result['reference_values']}",
         f"  'OA' (sum of recall / 4) {format_metric(result['oa_mean_recall'])}   'mIoU' (sum of IoU / 4) "
@@ -196,7 +196,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"OA {format_metric(result['overall_accuracy'])}   kappa {format_metric(result['kappa'])}",
         "(IoU n/a: class absent from both reference and prediction, left out of mIoU)",
         "",
-        "legacy figures of the published evaluation (spec 8.2; compare with the paper only):",
+        "legacy figures of the published evaluation (docs/design.md §8.2; compare with the paper only):",
         f"  'OA' (mean recall) {format_metric(legacy['oa_mean_recall'])}   'mIoU' (sum of IoU / 4) "
         f"{format_metric(legacy['miou_sum_over_4'])}   FWIoU {format_metric(legacy['fw_iou'])}   "
         f"kappa {format_metric(legacy['kappa'])}",

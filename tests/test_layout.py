@@ -171,3 +171,30 @@ def test_every_runtime_requirement_is_imported_and_recorded():
     unused = [name for name in requirements if IMPORT_NAMES.get(name, name) not in imported]
     assert not unused, f"declared in requirements.txt but imported nowhere: {unused}"
     assert sorted(RECORDED_PACKAGES) == sorted(requirements)
+
+
+def _text_files():
+    for folder, dirs, files in os.walk(REPO_ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "__pycache__")]
+        for name in files:
+            if name.endswith((".py", ".md", ".json", ".sh", ".txt", ".toml")):
+                yield os.path.join(folder, name)
+
+
+def test_the_repository_is_self_contained():
+    """Code and docs cite only what ships: no path into a workspace folder beside the clone, and every
+    design section that a comment or document cites exists in docs/design.md."""
+    outside = ("../" + "shared", "shared" + "/spec", "shared" + "/data", "shared" + "/reference")
+    design = open(os.path.join(REPO_ROOT, "docs", "design.md"), encoding="utf-8").read()
+    sections = set(re.findall(r"^#{2,4} (\d+(?:\.\d+)*)\.? ", design, flags=re.MULTILINE))
+    missing, cited = {}, set()
+    for path in _text_files():
+        text = open(path, encoding="utf-8").read()
+        where = os.path.relpath(path, REPO_ROOT)
+        assert not [p for p in outside if p in text], f"{where} cites a folder outside the repository"
+        for number in re.findall(r"design(?:\.md)? §(\d+(?:\.\d+)*)", text):
+            cited.add(number)
+            if number not in sections:
+                missing.setdefault(where, []).append(number)
+    assert not missing, f"design sections cited but not in docs/design.md: {missing}"
+    assert {"3.3.4", "6.5", "8.2", "10"} <= cited

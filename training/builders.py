@@ -111,7 +111,7 @@ def model(options: TrainOptions, config: Any, ctx: DistributedContext, log: RunL
 
 
 def optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
-    """SGD over all parameters, one group (spec 6.5), or AdamW (``--optimizer adamw``); the lr is set
+    """SGD over all parameters, one group (docs/design.md §6.5), or AdamW (``--optimizer adamw``); the lr is set
     before every step."""
     if options.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=options.base_lr, weight_decay=WEIGHT_DECAY)

@@ -1,4 +1,4 @@
-"""Streaming training chips from GeoTIFF tiles with windowed reads (spec 6.3, defects 7-11 fixed).
+"""Streaming training chips from GeoTIFF tiles with windowed reads (docs/design.md §6.3, defects 7-11 fixed).
 
 :class:`ChipStream` is an ``IterableDataset`` that yields ready-made batches (use it with
 ``DataLoader(stream, batch_size=None)``). Each (rank, loader worker) reads its own shard of the
@@ -9,7 +9,7 @@ last batch of a worker is kept when it has at least two chips and dropped when i
 1-chip batch never reaches BatchNorm.
 
 Workers send raw pixels (the file's integer type, uint8 for NAIP) and class indices (uint8);
-normalisation happens on the device (:func:`normalize_on_device`, spec section 2).
+normalisation happens on the device (:func:`normalize_on_device`, docs/design.md §2).
 
 Items of the stream are typed records:
 
@@ -223,7 +223,7 @@ def normalization_constants(mean: Sequence[float], std: Sequence[float],
 
 def normalize_on_device(image: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Per-band ``(x - mean) / std`` as ``x * scale + shift`` in float32 on the image's device
-    (spec section 2; matches the float64 reference of ``dataset.raster_io.normalize`` to float32
+    (docs/design.md §2; matches the float64 reference of ``dataset.raster_io.normalize`` to float32
     rounding).
 
     Args:

@@ -1,4 +1,4 @@
-"""The VCNet training loss (spec 6.4, defect 12 fixed).
+"""The VCNet training loss (docs/design.md §6.4, defect 12 fixed).
 
 ``loss = 0.5 * CE(cnn_logits, LR) + 0.5 * CE(vit_logits, LR where argmax(cnn_logits) == LR)``,
 both with ignore index 0 and averaged over their non-ignored pixels. The ViT branch learns only

@@ -1,7 +1,7 @@
 """Training chip sampling as pure functions: chip positions, per-epoch shuffling, sharding.
 
 Nothing here opens a file. Every random draw comes from an explicit NumPy generator derived from
-``(seed, epoch, ...)`` (spec section 10, defects 7-9), never from a global RNG:
+``(seed, epoch, ...)`` (docs/design.md §10, defects 7-9), never from a global RNG:
 
 * the tile order of an epoch is a permutation drawn from ``(seed, epoch)``, the same in every
   process, so ranks and loader workers agree on it without communicating;
@@ -58,7 +58,7 @@ def shard(order: np.ndarray, *, rank: int, world_size: int, worker: int, num_wor
 
 
 def chip_positions(height: int, width: int, chip: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``count`` chip offsets uniformly over the full valid range (spec 6.3, defect 9 fixed).
+    """Draw ``count`` chip offsets uniformly over the full valid range (docs/design.md §6.3, defect 9 fixed).
 
     Both bounds are inclusive: ``row`` in ``[0, height - chip]`` and ``col`` in ``[0, width - chip]``,
     so the last row and column of the tile can be sampled and a tile exactly one chip wide works.
@@ -108,7 +108,7 @@ def steps_per_epoch(num_tiles: int, chips_per_tile: int, batch_size: int, world_
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> float:
     """Poly schedule: the learning rate of optimiser step ``step`` (0-based) is
-    ``base_lr * (1 - step / total_steps) ** power``, never below 0 (spec 6.5, defect 6 fixed:
+    ``base_lr * (1 - step / total_steps) ** power``, never below 0 (docs/design.md §6.5, defect 6 fixed:
     ``total_steps`` counts optimiser steps, not chips)."""
     if total_steps <= 0:
         return base_lr
@@ -116,7 +116,7 @@ def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> 
 
 
 def published_lr(base_lr: float, batch_size: int) -> float:
-    """The published learning-rate scaling (spec 6.5): ``base_lr * batch / 24`` when the batch is
+    """The published learning-rate scaling (docs/design.md §6.5): ``base_lr * batch / 24`` when the batch is
     a multiple of 6 other than 24, else ``base_lr`` unchanged. Uses the per-process batch."""
     if batch_size % 6 == 0 and batch_size != 24:
         return base_lr * batch_size / 24

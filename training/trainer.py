@@ -1,4 +1,4 @@
-"""The training loop of VCNet (spec section 6, defects 6-13 fixed): epochs, steps, validation, checkpoints.
+"""The training loop of VCNet (docs/design.md §6, defects 6-13 fixed): epochs, steps, validation, checkpoints.
 
 :class:`Trainer` puts together what the other modules of :mod:`training` provide: the options
 (:mod:`training.options`), the processes (:mod:`training.distributed`), the log

@@ -1,4 +1,4 @@
-"""Sliding-window mapping (spec 7): grid, kernel, strip-wise stitching, GeoTIFF output, resume, bad input.
+"""Sliding-window mapping (docs/design.md §7): grid, kernel, strip-wise stitching, GeoTIFF output, resume, bad input.
 
 Most tests use a two-convolution stand-in for the network (any callable returning
 ``(vit_logits, cnn_logits)`` will do); the tests at the end use a tiny VCNet checkpoint.
@@ -57,7 +57,7 @@ class FailAfter(TwoConv):
 
 
 def oracle_offsets(size: int, chip: int, stride: int) -> list[int]:
-    """Grid offsets written out from spec 7 (not taken from the module under test): every
+    """Grid offsets written out from docs/design.md §7 (not taken from the module under test): every
     ``stride`` from 0 while below ``size - chip``, then ``size - chip``; 0 alone if the side fits."""
     if size <= chip:
         return [0]
@@ -71,7 +71,7 @@ def oracle_offsets(size: int, chip: int, stride: int) -> list[int]:
 
 
 def oracle_kernel(chip: int, stride: int) -> np.ndarray:
-    """Blending weights written out from spec 7: 5 in the central ``[m, chip - m)`` square with
+    """Blending weights written out from docs/design.md §7: 5 in the central ``[m, chip - m)`` square with
     ``m = (chip - stride) // 2``, 1 elsewhere."""
     m = (chip - stride) // 2
     kernel = np.empty((chip, chip), dtype=np.float32)
@@ -82,7 +82,7 @@ def oracle_kernel(chip: int, stride: int) -> np.ndarray:
 
 
 def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int) -> np.ndarray:
-    """The published procedure with a whole-tile accumulator, one chip at a time (spec 7)."""
+    """The published procedure with a whole-tile accumulator, one chip at a time (docs/design.md §7)."""
     _, h, w = image.shape
     hp, wp = max(h, chip), max(w, chip)
     image = np.pad(image, ((0, 0), (0, hp - h), (0, wp - w)), mode="reflect")

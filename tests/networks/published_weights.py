@@ -1,4 +1,4 @@
-"""The deterministic published-shape weights behind the parity fixture (shared/reference/README.md)."""
+"""The deterministic published-shape weights behind the parity fixture (tests/data/reference/README.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-# A copy of shared/reference/ ships with the tests, so the parity check runs from any clone.
+# The fixture ships with the tests, so the parity check runs from any clone.
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "reference")
 SHAPES_JSON = os.path.join(REFERENCE_DIR, "vcnet_state_dict_shapes.json")
 FIXTURE_NPZ = os.path.join(REFERENCE_DIR, "vcnet_parity_fixture.npz")

@@ -179,7 +179,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("name", ["tiny", "vcnet"])
 def test_normalisation_layers_use_the_published_eps(name):
     """Spec section 1: LN eps 1e-6, GN(32) eps 1e-6, BN eps 1e-5 with momentum 0.1 and affine
-    parameters; weight standardisation eps 1e-5 (spec appendix on parity)."""
+    parameters; weight standardisation eps 1e-5 (docs/design.md §11)."""
     from networks.vit_seg_modeling_L2HNet import StdConv2d
 
     config = get_tiny_config() if name == "tiny" else get_config(name)

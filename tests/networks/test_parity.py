@@ -1,6 +1,6 @@
 """Full-size model: numerical parity with the published VCNet, parameter counts, converter, DeiT init.
 
-The published weights are rebuilt by the rule of shared/reference/README.md, converted with
+The published weights are rebuilt by the rule of tests/data/reference/README.md, converted with
 ``networks.convert_published``, loaded with ``networks.load_model`` and run on the fixture input.
 """
 

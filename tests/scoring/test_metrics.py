@@ -1,4 +1,4 @@
-"""Accuracy metrics (spec 8.2, 8.3) against hand-computed confusion matrices, and windowed counting."""
+"""Accuracy metrics (docs/design.md §8.2, 8.3) against hand-computed confusion matrices, and windowed counting."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ NLCD_TO_CLASS = {
     22: 4, 23: 4, 24: 4,
     41: 2, 42: 2, 43: 2, 51: 2, 52: 2, 90: 2,
 }
-CCLC_TO_CLASS = {1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4, 15: 0}  # spec 8.1
+CCLC_TO_CLASS = {1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4, 15: 0}  # docs/design.md §8.1
 
 
 @pytest.mark.parametrize("name", ["Chesapeake", "sample"])
@@ -165,7 +165,7 @@ def test_confusion_for_pair_maps_cclc_codes_and_streams_by_windows(tmp_path, che
     ref = rng.choice([0, 1, 2, 3, 4, 5, 6, 15], size=(37, 23))
     pred = rng.integers(0, 5, size=(37, 23))
     pred_path, ref_path = _pair(tmp_path, ref, pred)
-    lookup = {0: 0, 15: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4}  # spec 8.1
+    lookup = {0: 0, 15: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4}  # docs/design.md §8.1
     expected = np.zeros((4, 5), dtype=np.int64)
     for r, p in zip(ref.ravel(), pred.ravel()):
         if lookup[r]:

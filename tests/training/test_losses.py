@@ -1,4 +1,4 @@
-"""The dual VCNet loss on hand-made tensors (spec 6.4, defect 12)."""
+"""The dual VCNet loss on hand-made tensors (docs/design.md §6.4, defect 12)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ memory), then maps it with :func:`mapping.writer.map_tile` and reports, per size
   each run through ``/proc/self/clear_refs``; falls back to ``ru_maxrss``);
 * ``numpy_peak``: peak of memory allocated through Python and NumPy (``tracemalloc``);
 * the memory the published whole-tile approach would need for comparison: the tile as float32
-  plus a 17-channel float32 accumulator and its counts (spec section 10, defects 4-5).
+  plus a 17-channel float32 accumulator and its counts (docs/design.md §10, defects 4-5).
 
 ``--model stub`` replaces the network by two 1x1 convolutions, so the run measures tiling,
 stitching and I/O alone, fast enough for a 10,000 x 10,000 tile on a laptop CPU; ``--model tiny``

@@ -5,7 +5,7 @@ Example::
     python tools/benchmark.py model --config vcnet --chip_size 224 --batch_size 2 --device cpu
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-accumulate;
-grid-sample, softmax, norms and interpolation are not counted), as in spec section 5.
+grid-sample, softmax, norms and interpolation are not counted), as in docs/design.md §5.
 """
 
 from __future__ import annotations
