@@ -9,7 +9,9 @@ Each ``hr_label_fn`` of the list is paired with ``PRED_DIR/<name>`` (the name te
 map of ``image_fn``). Reference codes go through the dataset's HR table (Chesapeake: 1 water,
 2 tree canopy, 3 low vegetation, 4/5/6 impervious, 0/15 no data, excluded). One confusion matrix
 is summed over all tiles, reading both rasters by windows. The published figures ("OA" = mean
-recall, "mIoU" = sum / 4) are reported too, labelled legacy. The work is done by ``scoring/``
+recall, "mIoU" = sum / 4) are reported too, labelled legacy. ``--protocol published`` instead
+repeats the published evaluation exactly (the list's last two tiles left out, reference values
+0..4 with 0 kept as a class), for a figure to set beside the paper's. The work is done by ``scoring/``
 (:func:`scoring.report.run_scoring`). See docs/mapping.md.
 """
 

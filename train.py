@@ -6,8 +6,10 @@ Examples::
     python train.py --dataset Chesapeake --batch_size 4 --max_epochs 100 --out_dir runs/ny --gpu 0
     torchrun --nproc_per_node 4 train.py --dataset Chesapeake --batch_size 4 --out_dir runs/ny4
     python train.py --dataset Chesapeake --batch_size 4 --out_dir runs/ny --resume runs/ny/last.pth
+    python train.py --dataset Chesapeake --batch_size 4 --out_dir runs/ny --resume runs/ny/last.pth --max_epochs 150
 
-Checkpoints go to OUT_DIR (epoch_N.pth, last.pth) with train.log and tensorboard/. The work is done
+Checkpoints go to OUT_DIR (last.pth for resume, model-only epoch_N.pth snapshots) with
+run_config.json, train.log and tensorboard/. The work is done
 by ``training/`` (:class:`training.trainer.Trainer`). See docs/training.md for every flag, timings
 and multi-node runs.
 """

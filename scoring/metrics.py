@@ -6,7 +6,7 @@ Two parts:
   counts a confusion matrix; :func:`confusion_from_arrays` does the same for arrays.
 * :func:`compute_metrics` and :func:`legacy_metrics` are pure functions of a confusion matrix.
 * :func:`published_confusion` and :func:`published_confusion_for_pair` count the matrix exactly as
-  the published evaluation did (design §8.2), for ``mIoU.py --protocol published``.
+  the published evaluation did (docs/design.md §8.2), for ``mIoU.py --protocol published``.
 
 Confusion-matrix convention (docs/design.md §8.3): with ``K`` evaluation classes (index 0 = no data),
 ``cm`` has shape ``(K, K + 1)``; row ``i`` counts reference class ``i + 1`` and column ``j`` the
@@ -163,7 +163,7 @@ PUBLISHED_CLASSES = 5
 
 
 def published_confusion(ref: np.ndarray, pred: np.ndarray, source: str = "prediction") -> tuple[np.ndarray, int]:
-    """The published evaluation's matrix of one pair of arrays (design §8.2).
+    """The published evaluation's matrix of one pair of arrays (docs/design.md §8.2).
 
     Predictions equal to 5 count as 4; only pixels with ``0 <= ref < 5`` are counted, reference 0
     included as row 0 (no HR table, no no-data exclusion).

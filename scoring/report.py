@@ -8,7 +8,7 @@
 :func:`append_summary` adds a row to a CSV (one row per checkpoint in ``auto_test.sh``).
 
 :func:`evaluate_published` is the published evaluation, reproduced exactly so that a figure can be put
-beside the paper's (``mIoU.py --protocol published``, design §8.2).
+beside the paper's (``mIoU.py --protocol published``, docs/design.md §8.2).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ PUBLISHED_CLASS_NAMES = ("no data", "water", "tree canopy", "low vegetation", "i
 
 def evaluate_published(pairs: Sequence[tuple[str, str]], reference_table=None,
                        progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, Any]:
-    """The published evaluation, step by step (design §8.2).
+    """The published evaluation, step by step (docs/design.md §8.2).
 
     * The last :data:`PUBLISHED_LEFT_OUT` pairs of the list are not scored (19 of the 21 New York
       evaluation tiles, in the published order of ``Chesapeake_NewYork_eval.csv``).

@@ -1,6 +1,7 @@
 """Settings of a training run (``train.py``), each declared once with its default, help and check.
 
-A checkpoint stores them (``train_args``); a resumed run must repeat the :data:`SCHEDULE_OPTIONS`.
+A checkpoint stores them (``train_args``); a resumed run must repeat the :data:`SCHEDULE_OPTIONS`,
+except that a larger ``--max_epochs`` extends it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataset.options import TileListOptions, at_least, multiple_of, option, over
 from networks.config import CONFIG_NAMES, SIZE_MULTIPLE
 from runtime.device import DeviceOptions
 
-#: Options that define the data, the model, the loss and the schedule: a resumed run must use the same.
+#: Options that define the data, the model, the loss and the schedule: a resumed run must use the same,
+#: but for ``max_epochs``, which may grow (the poly schedule is then re-planned; training.run_folder).
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
                     "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
@@ -111,7 +113,7 @@ class TrainOptions(DeviceOptions, TileListOptions):
     save_interval: int = option(20, "write epoch_N.pth every this many epochs from the first, and after the last; "
                                     "last.pth is written every epoch", group="run", check=at_least(1))
     resume: str | None = option(None, "continue from a training checkpoint (OUT_DIR/last.pth) with the same "
-                                      "settings", group="run")
+                                      "settings; a larger --max_epochs extends the run", group="run")
     overwrite: bool = option(False, "start afresh in an OUT_DIR that holds a run", group="run")
     deterministic: bool = option(False, "deterministic algorithms, cuDNN benchmark off (slower; published: off)",
                                  group="run")
