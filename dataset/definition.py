@@ -98,6 +98,16 @@ class LabelTable:
         return cls(str(data.get("product", "")), lookup, nodata, str(data.get("notes", "")))
 
 
+#: Prose fields of a definition: editing them does not change what a model learns or maps.
+PROSE_FIELDS = ("description", "notes", "extra")
+
+
+def without_prose(definition: Mapping[str, Any]) -> dict[str, Any]:
+    """``definition`` (a :meth:`DatasetDefinition.to_dict`) without its prose fields, at any depth."""
+    return {k: without_prose(v) if isinstance(v, Mapping) else v for k, v in definition.items()
+            if k not in PROSE_FIELDS}
+
+
 @dataclass(frozen=True)
 class DatasetDefinition:
     """Everything the code needs to know about one dataset.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dataset import DatasetDefinition
-from dataset.definition import REPO_ROOT
+from dataset.definition import REPO_ROOT, without_prose
 from dataset.errors import InputError
 from dataset.files import atomic_output
 from networks import read_checkpoint, save_checkpoint
@@ -179,7 +179,7 @@ def read_resume(options: TrainOptions, dataset: DatasetDefinition) -> dict[str, 
         if name != "max_epochs" and saved.get(name) != getattr(options, name):
             raise InputError(f"--{name} {getattr(options, name)!r} differs from the checkpoint's "
                              f"{saved.get(name)!r} ({options.resume}): resume with the original settings")
-    if payload["dataset"] != dataset.to_dict():
+    if without_prose(payload["dataset"]) != without_prose(dataset.to_dict()):
         raise InputError(f"{options.resume}: trained for dataset {payload['dataset'].get('name')!r}, "
                          f"not this definition of {dataset.name!r}")
     return payload

@@ -155,6 +155,20 @@ def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
     torch.save({k: payload[k] for k in ("format", "version", "model_config", "dataset", "state_dict")}, model_only)
     message = cli_error(capsys, argv[:-2] + ["--resume", model_only])
     assert "not a training checkpoint" in message
+    # the dataset definition: its prose may be edited between runs, its tables may not
+    import json
+
+    from dataset import load_dataset
+
+    edited = load_dataset("sample").to_dict()
+    edited["description"] += " (edited)"
+    edited["lr_label"]["notes"] = "rewritten"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    argv[1] = str(tmp_path / "edited.json")
+    assert run_cli(train.main, argv) == 0
+    edited["lr_label"]["lookup"]["21"] = 2
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert "not this definition" in cli_error(capsys, argv)
 
 
 def test_aux_loss_and_validation(tmp_path, four_tiles):
