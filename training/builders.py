@@ -192,22 +192,26 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
     rng = np.random.default_rng(options.seed)
     picked = sorted(rng.choice(len(entries), size=min(len(entries), REFINE_TILES), replace=False).tolist())
     # Its own seed, so that the fitting chips are not the first epoch's.
+    mixes = options.refine_targets == "mix"
     stream = ChipStream([entries[i] for i in picked], dataset, chip_size=options.chip_size,
                         chips_per_tile=REFINE_CHIPS_PER_TILE, batch_size=options.batch_size, seed=options.seed + 1,
-                        retries=options.chip_retries)
+                        retries=options.chip_retries, with_codes=mixes)
     stream.set_epoch(0)
     scale, shift = normalization_constants(dataset.mean, dataset.std, torch.device("cpu"))
+    mix_table = torch.from_numpy(dataset.mix_table(with_mixes=True))
     chips = []
     for item in stream:
         if isinstance(item, StreamError):
             raise InputError(item.message)
         if isinstance(item, ChipBatch):
-            chips.append((normalize_on_device(item.image, scale, shift), item.label.long()))
+            target = mix_table[item.codes.long()] if mixes else item.label.long()
+            chips.append((normalize_on_device(item.image, scale, shift), target))
     if not chips:
         raise InputError("--refine_labels local: no valid training chip to fit the label model on")
     model, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed)
-    log.info(f"label refinement: local model fitted on {stats['pixels']:.0f} pixels of {len(picked)} tiles; "
-             f"it keeps the LR class of {100 * stats['agreement']:.1f}% of them")
+    log.info(f"label refinement: local model fitted to the {options.refine_targets} LR targets of "
+             f"{stats['pixels']:.0f} pixels of {len(picked)} tiles; its class is their LR majority class on "
+             f"{100 * stats['agreement']:.1f}% of them")
     return LabelRefiner(model, allowed, device)
 
 

@@ -19,7 +19,7 @@ from runtime.device import DeviceOptions
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
                     "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
-                    "optimizer", "refine_labels", "refine_balance")
+                    "optimizer", "refine_labels", "refine_targets", "refine_balance")
 
 def exponent_in_unit_interval(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
@@ -95,6 +95,10 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                              "classifier of local appearance fitted to them at start-up (needs the "
                                              "dataset's lr_mixes; see docs/training.md)", choices=("none", "local"),
                                        group="recipe", none_means="the recipe's")
+    refine_targets: str = option("hard", "with --refine_labels local: what the local classifier is fitted to: hard (each "
+                                         "LR code's class) or mix (each code's class mix, the dataset's lr_mixes: it "
+                                         "can then find the minority classes, such as the roads of a developed block)",
+                                 choices=("hard", "mix"), group="recipe")
     refine_balance: float = option(1.0, "with --refine_labels local: class balance P of the local classifier "
                                         "(share ** -P; 1 weighs every class equally in total)", group="recipe",
                                    check=at_least(0))

@@ -65,31 +65,34 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
     """Fit :class:`LocalLabelModel` to LR labels, on the CPU, reproducibly from ``seed``.
 
     Args:
-        chips: ``(image, label)`` pairs: normalised ``(B, bands, S, S)`` float32 and ``(B, S, S)``
-            int64 LR classes (0 = no data, ignored).
+        chips: ``(image, target)`` pairs: normalised ``(B, bands, S, S)`` float32 images, and either
+            ``(B, S, S)`` int64 LR classes (0 = no data) or ``(B, S, S, classes)`` float class mixes
+            (all zero = no data); pixels without a label are left out.
         classes: number of classes, no-data class 0 included.
         balance: class weights ``share ** -balance`` (1: every class counts as much in total).
         seed: seed of the pixel draws and of the initialisation.
 
     Returns:
         The model (eval mode) and figures for the log: ``pixels`` used and ``agreement``, the
-        share of those pixels whose refined class is their LR class.
+        share of those pixels whose fitted class is their label's (majority) class.
     """
     generator = torch.Generator().manual_seed(seed)
-    features, labels = [], []
-    for image, label in chips:
+    features, targets = [], []
+    for image, target in chips:
         feats = local_features(image, radius).permute(0, 2, 3, 1).reshape(-1, 3 * image.shape[1])
-        flat = label.reshape(-1)
-        keep = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
+        soft = F.one_hot(target, classes).float() if target.dtype == torch.int64 else target.float()
+        soft = soft.reshape(-1, classes)
+        soft[:, IGNORE_INDEX] = 0.0
+        keep = torch.nonzero(soft.sum(dim=1) > 0).squeeze(1)
         per_batch = PIXELS_PER_CHIP * image.shape[0]
         if len(keep) > per_batch:
             keep = keep[torch.randperm(len(keep), generator=generator)[:per_batch]]
         features.append(feats[keep])
-        labels.append(flat[keep])
-    x, y = torch.cat(features), torch.cat(labels)
+        targets.append(soft[keep] / soft[keep].sum(dim=1, keepdim=True))
+    x, y = torch.cat(features), torch.cat(targets)
     if len(y) == 0:
         raise ValueError("no labelled pixel to fit the label model")
-    share = torch.bincount(y, minlength=classes).double() / len(y)
+    share = y.double().mean(dim=0)
     weights = torch.where(share > 0, share.clamp_min(1e-12) ** -balance, torch.zeros_like(share))
     weights = (weights / (weights * share).sum()).float()
 
@@ -100,8 +103,9 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
     optimizer = torch.optim.Adam(model.parameters(), lr=FIT_LR)
     for _ in range(FIT_STEPS):
         pick = torch.randint(0, len(y), (min(FIT_BATCH, len(y)),), generator=generator)
-        logits = head(x[pick][:, :, None, None])[:, :, 0, 0]
-        loss = F.cross_entropy(logits, y[pick], weight=weights)
+        log_p = torch.log_softmax(head(x[pick][:, :, None, None])[:, :, 0, 0], dim=1)
+        weighted = y[pick] * weights
+        loss = -(weighted * log_p).sum() / weighted.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -109,7 +113,7 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
     with torch.no_grad():
         fitted = head(x[:, :, None, None])[:, :, 0, 0]
         fitted[:, IGNORE_INDEX] = float("-inf")
-        agreement = float((fitted.argmax(1) == y).float().mean())
+        agreement = float((fitted.argmax(1) == y.argmax(1)).float().mean())
     return model, {"pixels": float(len(y)), "agreement": agreement}
 
 

@@ -84,3 +84,36 @@ def test_local_features_are_band_mean_and_spread_over_the_window():
     assert torch.allclose(feats[0, 4:, 4, 4], window.std(1, unbiased=False), atol=1e-5)
     corner = x[0, :, :2, :2].reshape(2, -1)  # at the edge: the part of the window inside the chip
     assert torch.allclose(feats[0, 2:4, 0, 0], corner.mean(1), atol=1e-6)
+
+
+def test_fitted_to_class_mixes_it_finds_the_roads_of_a_developed_block():
+    """Three blocks: forest (code 41), pasture (81) and developed open space (21: 60% low vegetation,
+    30% tree canopy, 10% impervious) holding a road. The hard LR class of code 21 is low vegetation,
+    so only the class mix says that some of the block is impervious; the road's look occurs nowhere
+    else, so a classifier fitted to the mixes gives it to the impervious class."""
+    rng = np.random.default_rng(4)
+    size, impervious = 96, 4
+    truth = np.full((size, size), TREE)
+    truth[:, 32:] = GRASS
+    truth[:, 76:84] = impervious
+    looks = {TREE: (-1.0, 0.8), GRASS: (1.0, 0.1), impervious: (0.0, 0.05)}
+    image = np.zeros((4, size, size))
+    for cls, (level, spread) in looks.items():
+        image[:, truth == cls] = level + spread * rng.standard_normal((4, int((truth == cls).sum())))
+    codes = np.select([np.arange(size) < 32, np.arange(size) < 64], [41, 81], 21) * np.ones((size, 1), np.int64)
+    mix = np.zeros((100, 5), dtype=np.float32)
+    mix[41, TREE] = mix[81, GRASS] = 1.0
+    mix[21, [GRASS, TREE, impervious]] = (0.6, 0.3, 0.1)
+    image, codes = torch.tensor(image, dtype=torch.float32)[None], torch.tensor(codes)[None]
+    hard = torch.tensor(mix.argmax(1))[codes]
+    refiners = {}
+    for name, target in (("hard", hard), ("mix", torch.from_numpy(mix)[codes])):
+        model, _ = fit_local_model([(image, target)], classes=5, balance=0.8, seed=0)
+        refiners[name] = LabelRefiner(model, mix > 0, torch.device("cpu"))(image, codes, hard)
+    road = refiners["mix"][0, :, 78:82]
+    assert (road == impervious).float().mean() > 0.95
+    # elsewhere, beyond the reach of the road's neighbourhood window (5 pixels), nothing is impervious
+    away = torch.ones(size, size, dtype=torch.bool)
+    away[:, 76 - 5:84 + 5] = False
+    assert not (refiners["mix"][0][away] == impervious).any()
+    assert not (refiners["hard"] == impervious).any()  # the hard labels never say impervious

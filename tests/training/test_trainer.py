@@ -498,11 +498,12 @@ class CountingRefiner:
         return refined
 
 
-def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path, four_tiles, monkeypatch):
+@pytest.mark.parametrize("targets", ["hard", "mix"])
+def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path, four_tiles, monkeypatch, targets):
     from training import builders
 
     monkeypatch.setattr(builders, "REFINE_CHIPS_PER_TILE", 2)
-    recipe = dict(refine_labels="local", class_balance=0.5)
+    recipe = dict(refine_labels="local", refine_targets=targets, class_balance=0.5)
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
     assert full.refiner is not None and full.stream.with_codes
     full.refiner = CountingRefiner(full.refiner)
