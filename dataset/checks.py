@@ -9,7 +9,7 @@ It never raises for bad data; the caller decides what to do with the messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import rasterio
@@ -128,3 +128,45 @@ def raise_problems(problems: list[str], where: str) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problems in {where})" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
+
+
+#: Tiles and window side sampled by :func:`imagery_scale_warning`.
+SCALE_TILES, SCALE_WINDOW = 8, 256
+#: A band is "far" from the normalisation when its sampled mean is this many of the definition's
+#: std away from the definition's mean, or its sampled std is off by this factor.
+FAR_MEAN, FAR_STD_FACTOR = 4.0, 10.0
+
+
+def imagery_scale_warning(images: Sequence[str], dataset: DatasetDefinition) -> str | None:
+    """A warning when the imagery's values do not look like those the dataset's mean/std describe.
+
+    Central windows of up to :data:`SCALE_TILES` tiles (spread over the list) are sampled; when
+    every band is far from the definition (0-1 floats given to 0-255 statistics, 16-bit values
+    given to 8-bit ones), the network would see nonsense without any error. Returns None otherwise.
+    """
+    if not images:
+        return None
+    picks = sorted({round(i * (len(images) - 1) / max(SCALE_TILES - 1, 1)) for i in range(SCALE_TILES)})
+    samples = []
+    for index in picks:
+        with open_raster(images[index], "image") as src:
+            if src.count != dataset.num_bands:
+                return None  # the band check reports this one
+            w, h = min(SCALE_WINDOW, src.width), min(SCALE_WINDOW, src.height)
+            window = Window((src.width - w) // 2, (src.height - h) // 2, w, h)
+            data = read_window(src, window).reshape(src.count, -1).astype(np.float64)
+        samples.append(data[:, np.any(data != 0, axis=0)])  # all-zero pixels are no data
+    pixels = np.concatenate(samples, axis=1)
+    if pixels.shape[1] == 0:
+        return None
+    mean, std = pixels.mean(axis=1), pixels.std(axis=1)
+    ref_mean, ref_std = np.asarray(dataset.mean, dtype=np.float64), np.asarray(dataset.std, dtype=np.float64)
+    far_mean = np.abs(mean - ref_mean) > FAR_MEAN * ref_std
+    far_std = (std * FAR_STD_FACTOR < ref_std) | (std > FAR_STD_FACTOR * ref_std)
+    if not np.all(far_mean | far_std):
+        return None
+    return (f"warning: {images[picks[0]]}: the imagery's sampled values (band means "
+            f"{', '.join(f'{v:.3g}' for v in mean)}; stds {', '.join(f'{v:.3g}' for v in std)}) are far from "
+            f"dataset {dataset.name!r}'s normalisation (means {', '.join(f'{v:g}' for v in ref_mean)}; stds "
+            f"{', '.join(f'{v:g}' for v in ref_std)}): is it scaled differently (e.g. 0-1 floats for 0-255 "
+            "statistics)? Rescale it, or give a definition with its own statistics (tools/prepare_data.py stats)")

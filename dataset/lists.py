@@ -49,9 +49,12 @@ def read_list(
             repository root.
         check_exists: raise if a listed file (of a required column) does not exist.
 
+    A tile (image) listed twice is refused by every command: training would weigh it double and
+    mapping would write its map twice.
+
     Raises:
-        InputError: missing file, missing columns, empty list or missing tiles, each naming the
-            CSV (and row) at fault.
+        InputError: missing file, missing columns, empty list, missing tiles or a repeated tile,
+            each naming the CSV (and row) at fault.
     """
     if not os.path.isfile(csv_path):
         raise InputError(f"{csv_path}: list file not found")
@@ -67,6 +70,7 @@ def read_list(
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{csv_path}: cannot read list ({exc})") from None
     entries = []
+    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         if not any(row.values()):
             continue
@@ -78,6 +82,11 @@ def read_list(
             for c in required:
                 if not os.path.isfile(paths[c]):
                     raise InputError(f"{csv_path}:{line}: {c} file not found: {paths[c]}")
+        image = paths["image_fn"]
+        if image is not None and image in first_line:
+            raise InputError(f"{csv_path}:{line}: image_fn {row['image_fn']} repeats line {first_line[image]}; "
+                             "list each tile once")
+        first_line.setdefault(image, line)
         entries.append(TileEntry(paths["image_fn"], paths["label_fn"], paths["hr_label_fn"]))
     if not entries:
         raise InputError(f"{csv_path}: the list has no tiles")

@@ -58,8 +58,21 @@ def override(default: Any, none_means: str | None = None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _finite(value: float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def at_least(minimum: float) -> Check:
-    return lambda value: None if value >= minimum else f"must be at least {minimum}"
+    return lambda value: None if _finite(value) and value >= minimum else f"must be at least {minimum}"
+
+
+def between(minimum: float, maximum: float) -> Check:
+    """Counts and sizes with a sane upper end (a typo such as 10**11 windows would exhaust memory)."""
+    return lambda value: None if minimum <= value <= maximum else f"must be in {minimum}..{maximum}"
+
+
+#: Seeds feed numpy and torch generators, which take at most 64 bits.
+seed_range = between(0, 2**63 - 1)
 
 
 def positive_number(value: float) -> str | None:

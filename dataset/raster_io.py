@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -12,6 +13,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from dataset.errors import InputError
+from dataset.files import atomic_output, write_failure_cause
 
 #: Internal block side of every GeoTIFF the project writes (class maps, probabilities, aligned labels).
 GEOTIFF_BLOCK = 256
@@ -92,3 +94,40 @@ def geotiff_profile(*, width: int, height: int, count: int, crs, transform, noda
         "transform": transform, "nodata": nodata, "tiled": True, "blockxsize": GEOTIFF_BLOCK,
         "blockysize": GEOTIFF_BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
     }
+
+
+def raster_problem(path: str) -> str | None:
+    """Why the raster at ``path`` is not complete (cannot be opened or a block cannot be read), or None.
+
+    Every block of every band is decoded, so a file that a failed write left short is found.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                for _, window in src.block_windows(1):
+                    src.read(window=window)
+    except (RasterioIOError, OSError, ValueError) as exc:
+        return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+@contextlib.contextmanager
+def written_raster(path: str, what: str = "raster") -> Iterator[str]:
+    """:func:`dataset.files.atomic_output` for a raster: the temporary file is reopened and fully read
+    after the block (which must close the dataset) and renamed only if that succeeds.
+
+    GDAL reports some write failures (a full disk while the block cache is flushed at close) only
+    on stderr; this is what keeps such a file from appearing under its final name.
+
+    Raises:
+        InputError: naming ``path`` and the cause when the written file is incomplete.
+    """
+    with atomic_output(path) as tmp:
+        yield tmp
+        problem = raster_problem(tmp)
+        if problem is not None:
+            problem = problem.replace(os.path.basename(tmp), os.path.basename(path))
+            cause = write_failure_cause(tmp, f"the written file cannot be read back: {problem}")
+            raise InputError(f"{path}: the {what} could not be completely written ({cause}); nothing was saved "
+                             "under this name")

@@ -2,12 +2,15 @@
 
 :func:`run_mapping` is ``test.py`` without its argument parsing.
 
-Every output is written under a temporary name and renamed when complete, and tiles whose
-outputs exist are skipped (unless ``overwrite``), so re-running an interrupted command resumes
-it. Under ``torchrun`` each rank maps every ``WORLD_SIZE``-th tile of the list, starting at its
-``RANK``, on GPU ``LOCAL_RANK``; no process group is needed because ranks share nothing. With
-``--shard K/N`` (a scheduler's job array) the process maps every N-th tile from the K-th, and
-torchrun ranks split that shard in turn (:func:`tile_share`).
+Every output is written under a temporary name, read back, and renamed only when complete. Tiles
+whose outputs exist, are complete and were made by the same checkpoint and window settings (the
+:data:`mapping.writer.PROVENANCE_TAG` of each map) are skipped unless ``overwrite``, so re-running
+an interrupted command resumes it; incomplete outputs are re-mapped, and outputs of another
+checkpoint or other settings stop the run. Under ``torchrun`` each rank maps every
+``WORLD_SIZE``-th tile of the list, starting at its ``RANK``, on GPU ``LOCAL_RANK``; no process
+group is needed because ranks share nothing. With ``--shard K/N`` (a scheduler's job array) the
+process maps every N-th tile from the K-th, and torchrun ranks split that shard in turn
+(:func:`tile_share`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from dataset import TileEntry, load_dataset
+from dataset.checks import imagery_scale_warning
 from dataset.errors import InputError
+from dataset.files import check_output_folder, file_sha256, remove_stale_temporaries
 from dataset.raster_io import check_bands, open_raster
 from mapping.options import MapOptions
 from mapping.overviews import OVERVIEW_MIN_SIZE
 from mapping.preview import write_preview
-from mapping.writer import map_tile, output_name, outputs_exist, probs_name
+from mapping.writer import describe_provenance, map_provenance, map_tile, output_name, output_state, probs_name
 from networks import load_model
 from runtime.device import distributed_rank, resolve_device
 
@@ -105,28 +110,52 @@ class MappingPlan:
         return os.path.splitext(out)[0] + "_preview.png" if self.preview else None
 
 
+def needs_mapping(out: str, probs: str | None, provenance: str | None, log: Callable[[str], None]) -> bool:
+    """Whether a tile must be (re-)mapped: an output is missing or incomplete (said in the log).
+
+    Raises:
+        InputError: an output was made by another checkpoint or with other settings.
+    """
+    needed = False
+    for path in (out, probs) if probs else (out,):
+        state, detail = output_state(path, provenance)
+        if state == "other":
+            raise InputError(f"{path}: made with {detail}, not by this run ({describe_provenance(provenance)}); "
+                             "pass --overwrite to re-map, or choose another --out_dir")
+        if state == "incomplete":
+            log(f"re-mapping {out}: {path} is incomplete ({detail})")
+        needed = needed or state != "current"
+    return needed
+
+
 def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride: int = 112, batch_size: int = 16,
              device: str | torch.device = "cpu", amp: bool = False, num_workers: int = 0, overwrite: bool = False,
-             progress: Callable | None = None, log: Callable[[str], None] = print) -> dict[str, list[str]]:
+             progress: Callable | None = None, log: Callable[[str], None] = print,
+             provenance: str | None = None) -> dict[str, list[str]]:
     """Map every tile of ``plan`` (and write probabilities and previews if asked).
+
+    Every existing output is checked before the first tile is mapped (:func:`needs_mapping`), and
+    temporary files that an interrupted run left for these outputs are removed.
 
     Returns:
         ``{"mapped": [...], "skipped": [...]}`` output paths; skipped tiles already had outputs.
     """
     done: dict[str, list[str]] = {"mapped": [], "skipped": []}
-    items = list(zip(plan.entries, plan.outputs))
-    for entry, out in (progress(items) if progress else items):
+    remove_stale_temporaries([path for out in plan.outputs for path in (out, plan.probs_path(out)) if path])
+    todo = [overwrite or needs_mapping(out, plan.probs_path(out), provenance, log) for out in plan.outputs]
+    items = list(zip(plan.entries, plan.outputs, todo))
+    for entry, out, needed in (progress(items) if progress else items):
         probs = plan.probs_path(out)
-        if not overwrite and outputs_exist(out, probs):
+        if not needed:
             done["skipped"].append(out)
         else:
             map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
                      batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
-                     num_workers=num_workers, overview_min_size=plan.overview_min_size)
+                     num_workers=num_workers, overview_min_size=plan.overview_min_size, provenance=provenance)
             done["mapped"].append(out)
             log(f"mapped {entry.image} -> {out}")
         png = plan.preview_path(out)
-        if png and (overwrite or not os.path.isfile(png)):
+        if png and (needed or not os.path.isfile(png)):
             write_preview(png, entry.image, out, dataset, label_path=entry.label, hr_path=entry.hr_label)
     return done
 
@@ -139,14 +168,19 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
         :func:`map_list`'s ``{"mapped": [...], "skipped": [...]}``.
     """
     device = resolve_device(options.device, options.gpu)
+    check_output_folder(options.out_dir, "--out_dir")
     model = load_model(options.checkpoint, device=device)
     dataset = select_dataset(model.dataset, options.dataset)
+    provenance = map_provenance(file_sha256(options.checkpoint), dataset.name, options.chip_size, options.stride)
     _, entries = options.read_list(dataset, required=("image_fn",))
     rank, world, _ = distributed_rank()
     entries = tile_share(entries, options.shard_index, rank, world)
     check_tiles(entries, dataset)
+    scale_warning = imagery_scale_warning([e.image for e in entries], dataset)
+    if scale_warning:
+        _stderr(scale_warning)
     plan = MappingPlan(entries, options.out_dir, save_probs=options.save_probs, preview=options.preview,
                        overview_min_size=options.overview_min_size)
     return map_list(model, plan, dataset=dataset, chip_size=options.chip_size, stride=options.stride,
                     batch_size=options.batch_size, device=device, amp=options.amp, num_workers=options.num_workers,
-                    overwrite=options.overwrite, progress=progress, log=log)
+                    overwrite=options.overwrite, progress=progress, log=log, provenance=provenance)

@@ -23,9 +23,17 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from dataset.errors import InputError
-from dataset.files import atomic_output
-from dataset.raster_io import GEOTIFF_BLOCK, check_bands, geotiff_profile, normalize, open_raster, read_window
-from mapping.legend import write_category_names
+from dataset.raster_io import (
+    GEOTIFF_BLOCK,
+    check_bands,
+    geotiff_profile,
+    normalize,
+    open_raster,
+    raster_problem,
+    read_window,
+    written_raster,
+)
+from mapping.legend import category_names_path, write_category_names
 from mapping.overviews import OVERVIEW_MIN_SIZE, add_overviews
 from mapping.sliding_window import iter_probability_strips
 
@@ -34,6 +42,8 @@ from mapping.sliding_window import iter_probability_strips
 MIN_GDAL_CACHE = 64 << 20
 #: Tag holding the dataset definition (JSON) in every written map; mIoU.py reads it.
 DATASET_TAG = "VCNET_DATASET"
+#: Tag recording what made a map (checkpoint SHA-256, dataset, chip, stride); a rerun compares it.
+PROVENANCE_TAG = "VCNET_PROVENANCE"
 
 
 def output_name(image_path: str) -> str:
@@ -112,6 +122,37 @@ def _output_tags(dataset, image_path: str, chip_size: int, stride: int) -> dict[
     }
 
 
+def map_provenance(checkpoint_sha256: str, dataset_name: str, chip_size: int, stride: int) -> str:
+    """The :data:`PROVENANCE_TAG` value of maps made with these settings."""
+    return json.dumps({"checkpoint_sha256": checkpoint_sha256, "dataset": dataset_name, "chip_size": chip_size,
+                       "stride": stride}, sort_keys=True)
+
+
+def describe_provenance(text: str | None) -> str:
+    """A :data:`PROVENANCE_TAG` value in words, for error messages."""
+    try:
+        made = json.loads(text or "")
+        return (f"checkpoint sha256 {made['checkpoint_sha256'][:12]}, dataset {made['dataset']}, "
+                f"chip {made['chip_size']} / stride {made['stride']}")
+    except (ValueError, TypeError, KeyError):
+        return "unknown settings (no provenance tag: an older version or another program)"
+
+
+def output_state(path: str, provenance: str | None) -> tuple[str, str]:
+    """``(state, detail)`` of an output: "missing"; "incomplete" (detail: why); "other" (made with other
+    settings, detail: which); or "current" (complete and, unless ``provenance`` is None, made with it)."""
+    if not os.path.exists(path):
+        return "missing", ""
+    problem = raster_problem(path)
+    if problem is not None:
+        return "incomplete", problem
+    with open_raster(path, "map") as src:
+        found = src.tags().get(PROVENANCE_TAG)
+    if provenance is not None and found != provenance:
+        return "other", describe_provenance(found)
+    return "current", ""
+
+
 def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
     """True when every requested output of a tile is already there (the tile can be skipped)."""
     return os.path.isfile(out_path) and (probs_path is None or os.path.isfile(probs_path))
@@ -119,7 +160,8 @@ def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
 
 def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_size: int = 224, stride: int = 112,
              batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False, overwrite: bool = False,
-             probs_path: str | None = None, num_workers: int = 0, overview_min_size: int = OVERVIEW_MIN_SIZE) -> str:
+             probs_path: str | None = None, num_workers: int = 0, overview_min_size: int = OVERVIEW_MIN_SIZE,
+             provenance: str | None = None) -> str:
     """Map one GeoTIFF tile into a class-map GeoTIFF (docs/design.md §7).
 
     The output is uint8, one band, with the input's size, CRS and transform, nodata 0, the
@@ -143,13 +185,14 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
         num_workers: image bands read ahead in a background thread.
         overview_min_size: maps whose longer side has at least this many pixels get overviews
             (0: never).
+        provenance: :func:`map_provenance` of this run, stored in both outputs.
 
     Returns:
         ``out_path``.
 
     Raises:
-        InputError: naming the file: missing or corrupt tile, wrong band count, or a model whose
-            class count differs from the dataset's.
+        InputError: naming the file: missing or corrupt tile, wrong band count, a model whose
+            class count differs from the dataset's, or an output that could not be completely written.
     """
     if not overwrite and outputs_exist(out_path, probs_path):
         return out_path
@@ -163,11 +206,13 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
             bands = max(src.count, dataset.num_classes if probs_path else 1)
             stack.enter_context(rasterio.Env(GDAL_CACHEMAX=max(MIN_GDAL_CACHE, 4 * GEOTIFF_BLOCK * src.width * bands)))
             tags = _output_tags(dataset, image_path, chip_size, stride)
+            if provenance is not None:
+                tags[PROVENANCE_TAG] = provenance
             # Entered in this order, exited in reverse: the probabilities are renamed before the
             # map, so an existing map means the tile is complete.
             writers = []
             for path, probabilities in [(out_path, False)] + ([(probs_path, True)] if probs_path else []):
-                tmp = stack.enter_context(atomic_output(path))
+                tmp = stack.enter_context(written_raster(path, "probabilities" if probabilities else "class map"))
                 dst = stack.enter_context(_open_output(tmp, src, dataset, probabilities, tags))
                 writers.append(BlockRowWriter(dst))
             strips = stack.enter_context(contextlib.closing(iter_probability_strips(
@@ -185,6 +230,11 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
                 writer.close()
             add_overviews(writers[0].dst, overview_min_size)
             write_category_names(out_path, dataset.class_names)
+    except BaseException:
+        if not os.path.exists(out_path):  # the map failed after its legend was written: no orphan legend
+            with contextlib.suppress(OSError):
+                os.remove(category_names_path(out_path))
+        raise
     finally:
         if was_training:
             module.train()

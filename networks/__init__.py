@@ -26,6 +26,7 @@ _HOME = {
     "get_vcnet_config": "networks.config",
     "load_deit_weights": "networks.pretrained",
     "load_model": "networks.checkpoint",
+    "load_weights": "networks.checkpoint",
     "model_from_checkpoint": "networks.checkpoint",
     "read_checkpoint": "networks.checkpoint",
     "resolve_pretrained": "networks.pretrained",

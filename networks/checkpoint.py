@@ -23,11 +23,13 @@ import torch
 
 from dataset import DatasetDefinition, load_dataset
 from dataset.errors import InputError
-from dataset.files import atomic_output
+from dataset.files import atomic_output, write_failure_cause
 from networks.config import config_from_dict, config_to_dict
 
 CHECKPOINT_FORMAT = "vcnet-checkpoint"
 CHECKPOINT_VERSION = 1
+#: How to make a project checkpoint of published weights (said whenever a file is not one).
+CONVERT_HINT = "a published VCNet state_dict is converted with `python -m networks.convert_published IN.pth OUT.pth`"
 
 
 def save_checkpoint(path: str, *, model: torch.nn.Module, model_config: Any, dataset: DatasetDefinition | Mapping,
@@ -51,7 +53,20 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, model_config: Any, dat
     }
     payload.update(extra)
     with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as an "enforce fail"
+            cause = write_failure_cause(tmp, str(exc).strip().splitlines()[0] if str(exc).strip() else "write error")
+            kept = "the previous file under this name is unchanged" if os.path.exists(path) else \
+                "nothing was saved under this name"
+            raise InputError(f"{path}: cannot write the checkpoint ({cause}); {kept}") from None
+
+
+def load_failure(exc: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in words. Torch's own message advises
+    ``weights_only=False``, which runs the file's code: never pass that on to a user."""
+    return "it holds Python objects, not plain data" if "Unsupported global" in str(exc) else \
+        "corrupt, or not a torch file"
 
 
 def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -66,10 +81,10 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read checkpoint ({reason})") from None
+        raise InputError(f"{path}: cannot read checkpoint: not a VCNet checkpoint ({load_failure(exc)}); "
+                         f"{CONVERT_HINT}") from None
     if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
-        hint = ""
+        hint = f"; {CONVERT_HINT}"
         if isinstance(payload, Mapping) and any(str(k).startswith(("cnn_encoder.", "backbone.")) for k in payload):
             hint = "; it looks like a published VCNet state_dict: convert it with " \
                    "`python -m networks.convert_published IN.pth OUT.pth`"
@@ -89,15 +104,30 @@ def model_from_checkpoint(payload: Mapping[str, Any], device: str | torch.device
 
     config = config_from_dict(payload["model_config"])
     model = build_model(config)
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    load_weights(model, payload["state_dict"], where)
+    model.config = config
+    model.dataset = load_dataset(payload["dataset"])
+    return model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Load a checkpoint's weights into the model its config builds, strictly.
+
+    Raises:
+        InputError: missing, unexpected or differently shaped tensors (e.g. weights of another
+            class or band count than the checkpoint's own config says).
+    """
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise InputError(f"{where}: its weights do not match its own model config "
+                         f"({shapes[0] if shapes else 'shape mismatch'}{' ...' if len(shapes) > 1 else ''})") from None
     if missing or unexpected:
         raise InputError(
             f"{where}: weights do not match the model config (missing {list(missing)[:5]}, "
             f"unexpected {list(unexpected)[:5]})"
         )
-    model.config = config
-    model.dataset = load_dataset(payload["dataset"])
-    return model.to(device).eval()
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dataset import load_dataset
 from dataset.errors import InputError, run_cli
-from networks.checkpoint import save_checkpoint
+from networks.checkpoint import load_failure, save_checkpoint
 from networks.config import get_vcnet_config
 from networks.encoder_decoder import build_model
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     except FileNotFoundError:
         raise InputError(f"{args.input}: file not found") from None
     except Exception as exc:
-        raise InputError(f"{args.input}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{args.input}: cannot read checkpoint ({load_failure(exc)})") from None
     state, config, dropped = convert_state_dict(unwrap_state_dict(payload, args.input), args.with_aux_head,
                                                 args.input)
     if config.num_classes != dataset.num_classes or config.in_channels != dataset.num_bands:

@@ -39,8 +39,8 @@ from rasterio.windows import transform as window_transform
 
 from dataset import LabelTable
 from dataset.errors import InputError
-from dataset.files import atomic_output
-from dataset.raster_io import geotiff_profile, open_raster, read_window
+from dataset.files import check_output_folder, remove_stale_temporaries
+from dataset.raster_io import geotiff_profile, open_raster, raster_problem, read_window, written_raster
 
 #: Side of the output windows (pixels); a multiple of the output block size.
 WINDOW = 1024
@@ -317,7 +317,7 @@ def align_tile(image: str, product: LRProduct, out_path: str, *, table: LabelTab
     profile = geotiff_profile(width=width, height=height, count=1, crs=crs, transform=transform, nodata=0)
     covered = nodata = 0
     source = f"{product.name} on {image}"
-    with atomic_output(out_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+    with written_raster(out_path, "label") as tmp, rasterio.open(tmp, "w", **profile) as dst:
         for win in grid_windows(width, height, window):
             codes = product.read_onto(crs, window_transform(win, transform), (win.height, win.width),
                                       resampling, candidates)
@@ -335,12 +335,13 @@ def align_tile(image: str, product: LRProduct, out_path: str, *, table: LabelTab
 
 def align_tiles(images: Sequence[str], lr_paths: Sequence[str], out_dir: str, *, table: LabelTable | None = None,
                 resampling: str = "nearest", window: int = WINDOW, band: int = 1, colormap: dict | None = None,
-                skip_existing: bool = False, report: Callable[[AlignReport], None] | None = None
-                ) -> list[AlignReport]:
+                skip_existing: bool = False, report: Callable[[AlignReport], None] | None = None,
+                log: Callable[[str], None] = print) -> list[AlignReport]:
     """Align the LR product onto every tile of ``images``, writing ``<out_dir>/<stem>_lr.tif``.
 
-    Every tile is checked first (CRS, overlap, unique output name), so a bad tile stops the run
-    before anything is written.
+    Every tile is checked first (CRS, overlap, unique output name) and the output folder must be
+    writable, so a bad tile stops the run before anything is written. With ``skip_existing`` a
+    label is kept only if it is complete (every block reads back); others are aligned again.
 
     Raises:
         InputError: the first bad tile or LR raster, in one line that names it.
@@ -355,13 +356,20 @@ def align_tiles(images: Sequence[str], lr_paths: Sequence[str], out_dir: str, *,
         if out in seen:
             raise InputError(f"{image}: same output name {os.path.basename(out)} as {seen[out]}")
         seen[out] = image
+    if window < 1:
+        raise InputError(f"--window {window}: must be at least 1")
+    check_output_folder(out_dir, "--out_dir")
+    remove_stale_temporaries(outputs)
     reports = []
     with LRProduct(lr_paths, band=band) as product:
         for image in images:
             tile_grid(image, product)
         for image, out in zip(images, outputs):
             if skip_existing and os.path.isfile(out):
-                continue
+                problem = raster_problem(out)
+                if problem is None:
+                    continue
+                log(f"aligning {out} again: the existing label is incomplete ({problem})")
             result = align_tile(image, product, out, table=table, resampling=RESAMPLING[resampling],
                                 window=window, colormap=colormap)
             if report:

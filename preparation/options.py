@@ -10,10 +10,12 @@ from dataset.options import (
     Options,
     TileListOptions,
     at_least,
+    between,
     fraction,
     option,
     override,
     positive_number,
+    seed_range,
 )
 from preparation.align import RESAMPLING, WINDOW
 
@@ -48,8 +50,8 @@ class AlignOptions(TileSourceOptions):
                              choices=tuple(sorted(RESAMPLING)), group="LR product")
     band: int = option(1, "band of the LR product to use", group="LR product", check=at_least(1))
     window: int = option(WINDOW, "output window side in pixels (memory bound)", group="output",
-                         check=at_least(1))
-    cache_mb: int = option(256, "GDAL block cache in MiB", group="output", check=at_least(1))
+                         check=between(1, 1 << 16))
+    cache_mb: int = option(256, "GDAL block cache in MiB", group="output", check=between(1, 1 << 20))
     skip_existing: bool = option(False, "keep labels that are already in --out_dir", group="output")
 
 
@@ -72,9 +74,14 @@ class ListWriteOptions(Options):
                                 "train tiles touching val tiles dropped", choices=("none", "random", "spatial"),
                         group="split")
     val_fraction: float = option(0.2, "share of tiles for val", group="split", check=fraction)
-    seed: int = option(0, "split seed", group="split", check=at_least(0))
+    seed: int = option(0, "split seed", group="split", check=seed_range)
     block_size: float | None = option(None, "spatial block side in CRS units", group="split",
                                       check=positive_number, none_means="4 x the median tile side")
+
+    def check(self) -> None:
+        super().check()
+        if self.split != "none" and not 0 < self.val_fraction < 1:
+            raise InputError(f"--val_fraction {self.val_fraction}: a split needs a share strictly between 0 and 1")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -86,9 +93,9 @@ class StatsOptions(TileSourceOptions):
                               group="output")
     name: str | None = option(None, "dataset name in --out", group="output",
                               none_means="its file stem when --base is given")
-    windows: int = option(16, "random windows per tile", group="sampling", check=at_least(1))
-    size: int = option(256, "window side in pixels", group="sampling", check=at_least(1))
-    seed: int = option(0, "sampling seed", group="sampling", check=at_least(0))
+    windows: int = option(16, "random windows per tile", group="sampling", check=between(1, 100_000))
+    size: int = option(256, "window side in pixels", group="sampling", check=between(1, 1 << 16))
+    seed: int = option(0, "sampling seed", group="sampling", check=seed_range)
 
     def check(self) -> None:
         super().check()

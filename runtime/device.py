@@ -37,25 +37,35 @@ def resolve_device(device: str = "auto", gpu: int = 0) -> torch.device:
     """The torch device to compute on.
 
     Args:
-        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or another torch device.
-        gpu: CUDA device index; under torchrun with several ranks ``LOCAL_RANK`` is used instead.
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        gpu: CUDA device index when ``device`` gives none; under torchrun with several ranks
+            ``LOCAL_RANK`` is used instead.
 
     Raises:
-        InputError: CUDA requested but not available, or the index does not exist.
+        InputError: another device type (meta, ...), CUDA requested but not available, or an index
+            that does not exist.
     """
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cuda":
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise InputError(f"--device {device}: {exc}") from None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise InputError(f"--device {device}: not a device this project computes on (use auto, cpu, cuda or cuda:N)")
     if not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     _, world, local_rank = distributed_rank()
-    index = local_rank if world > 1 else gpu
+    if world > 1:
+        index, flag = local_rank, f"LOCAL_RANK {local_rank}"
+    elif parsed.index is not None:
+        index, flag = parsed.index, f"--device {device}"
+    else:
+        index, flag = gpu, f"--gpu {gpu}"
     if not 0 <= index < torch.cuda.device_count():
-        raise InputError(f"--gpu {index}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise InputError(f"{flag}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)

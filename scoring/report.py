@@ -23,9 +23,9 @@ import numpy as np
 
 from dataset import TileEntry, load_dataset
 from dataset.errors import InputError
-from dataset.files import atomic_output
+from dataset.files import atomic_output, check_output_file
 from dataset.raster_io import open_raster
-from mapping.writer import DATASET_TAG, output_name
+from mapping.writer import DATASET_TAG, PROVENANCE_TAG, describe_provenance, output_name
 from scoring.figures import write_confusion_png
 from scoring.metrics import compute_metrics, confusion_for_pair, legacy_metrics, published_confusion_for_pair
 from scoring.options import ScoreOptions
@@ -74,6 +74,25 @@ def find_prediction_dataset(pred_dir: str):
             if found is not None:
                 return found
     raise InputError(f"{pred_dir}: no class map written by test.py here; give --dataset")
+
+
+def common_provenance(predictions: Sequence[str]) -> str | None:
+    """The :data:`mapping.writer.PROVENANCE_TAG` the maps share (None if none carries one).
+
+    Raises:
+        InputError: maps made by different checkpoints or window settings (a folder mixing runs).
+    """
+    found: dict[str, str] = {}
+    for pred in predictions:
+        with open_raster(pred, "prediction") as src:
+            tag = src.tags().get(PROVENANCE_TAG)
+        if tag is not None:  # maps of other programs carry none: nothing to compare
+            found.setdefault(tag, pred)
+    if len(found) > 1:
+        (a, first), (b, second) = list(found.items())[:2]
+        raise InputError(f"{second}: made with {describe_provenance(b)}, but {first} with {describe_provenance(a)}; "
+                         "score maps of one checkpoint (re-map with test.py --overwrite)")
+    return next(iter(found), None)
 
 
 def evaluate_pairs(pairs: Iterable[tuple[str, str]], dataset,
@@ -257,9 +276,13 @@ def run_scoring(options: ScoreOptions, progress: Callable[[Iterable], Iterable] 
     Returns:
         :func:`evaluate_pairs`'s result with ``pred_dir`` and ``list`` added.
     """
+    for flag in ("json", "confusion_png", "summary_csv"):
+        if getattr(options, flag):
+            check_output_file(getattr(options, flag), f"--{flag}")  # before the scoring, not after it
     dataset = load_dataset(options.dataset) if options.dataset else find_prediction_dataset(options.pred_dir)
     list_path, entries = options.read_list(dataset, required=("image_fn", "hr_label_fn"))
     pairs = pair_predictions(entries, options.pred_dir)
+    made_by = common_provenance([pred for pred, _ in pairs])
     if options.protocol == "published":
         if options.published_reference == "hr_table" and dataset.hr_label is None:
             raise InputError(f"--published_reference hr_table: dataset {dataset.name!r} has no HR table (hr_label)")
@@ -269,6 +292,7 @@ def run_scoring(options: ScoreOptions, progress: Callable[[Iterable], Iterable] 
         result = evaluate_pairs(pairs, dataset, progress=progress)
     result["pred_dir"] = options.pred_dir
     result["list"] = list_path
+    result["maps_made_by"] = describe_provenance(made_by) if made_by else None  # which checkpoint is scored
     if not options.quiet:
         print(format_published_report(result) if options.protocol == "published" else format_report(result))
     if options.json:

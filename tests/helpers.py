@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import subprocess
 
 import numpy as np
 
@@ -87,3 +89,24 @@ def gdalinfo(path):
         gdal.VSIFree(text)
         gdal.GDALInfoOptionsFree(options)
         gdal.GDALClose(dataset)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size="200k", read_only=False):
+    """A small tmpfs at ``path`` (a full disk, or with ``read_only`` a read-only one) for the block.
+
+    Needs root; the test is skipped, saying why, when it is not root or the mount fails.
+    """
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.makedirs(path, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

@@ -8,10 +8,11 @@ import ast
 import dataclasses
 import os
 import re
+import typing
 
 import pytest
 
-from dataset.options import Options, add_options, parse_options
+from dataset.options import Options, _metadata, _value_type, add_options, parse_options
 from mapping.options import MapOptions, MosaicOptions
 from preparation.options import AlignOptions, CheckOptions, ListWriteOptions, StatsOptions
 from scoring.options import ScoreOptions
@@ -125,12 +126,21 @@ def test_one_flag_per_concept_with_published_aliases():
     (MapOptions, ["--checkpoint", "x", "--shard", "3/3"], "--shard 3/3: K must be in 0..N-1"),
     (MapOptions, ["--checkpoint", "x", "--shard", "2"], "--shard 2: give K/N"),
     (MapOptions, ["--checkpoint", "x", "--overview_min_size", "-1"], "--overview_min_size -1: must be at least 0"),
-    (AlignOptions, ["--lr", "a", "--out_dir", "o", "--images", "x", "--window", "0"], "--window 0: must be at least 1"),
+    (AlignOptions, ["--lr", "a", "--out_dir", "o", "--images", "x", "--window", "0"], "--window 0: must be in 1..65536"),
     (AlignOptions, ["--lr", "a", "--out_dir", "o"], "one of --list_dir CSV or --images GLOB"),
     (ListWriteOptions, ["--images", "x", "--labels", "y", "--out", "z", "--val_fraction", "2"],
      "--val_fraction 2.0: must be between 0 and 1"),
-    (StatsOptions, ["--images", "x", "--size", "0"], "--size 0: must be at least 1"),
+    (StatsOptions, ["--images", "x", "--size", "0"], "--size 0: must be in 1..65536"),
     (CheckOptions, [], "--dataset is required"),
+    # Fault table of docs/reliability.md: negative, huge and non-finite values.
+    (AlignOptions, ["--lr", "a", "--out_dir", "o", "--images", "x", "--window", "-5"], "--window -5: must be in"),
+    (AlignOptions, ["--lr", "a", "--out_dir", "o", "--images", "x", "--cache_mb", "0"], "--cache_mb 0: must be in"),
+    (StatsOptions, ["--images", "x", "--windows", "100000000000"], "--windows 100000000000: must be in"),
+    (StatsOptions, ["--images", "x", "--size", "99999999999"], "--size 99999999999: must be in"),
+    (TrainOptions, ["--seed", str(2**70)], f"--seed {2**70}: must be in"),
+    (TrainOptions, ["--entropy_weight", "inf"], "--entropy_weight inf: must be at least 0"),
+    (ListWriteOptions, ["--images", "x", "--labels", "y", "--out", "z", "--split", "random", "--val_fraction", "0"],
+     "--val_fraction 0.0: a split needs a share strictly between 0 and 1"),
 ])
 def test_values_are_checked_before_work(cls, argv, message):
     from dataset.errors import InputError
@@ -198,3 +208,10 @@ def test_the_repository_is_self_contained():
                 missing.setdefault(where, []).append(number)
     assert not missing, f"design sections cited but not in docs/design.md: {missing}"
     assert {"3.3.4", "6.5", "8.2", "10"} <= cited
+@pytest.mark.parametrize("cls", CLIS, ids=lambda c: c.__name__)
+def test_every_numeric_option_has_a_check(cls):
+    """A number no check looks at is a number that can start an hour of wrong work."""
+    hints = typing.get_type_hints(cls)
+    unchecked = [f.name for f in dataclasses.fields(cls)
+                 if _value_type(hints[f.name])[0] in (int, float) and _metadata(cls, f.name).get("check") is None]
+    assert not unchecked, f"numeric options without a check: {unchecked}"

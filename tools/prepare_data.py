@@ -28,6 +28,7 @@ import rasterio  # noqa: E402
 
 from dataset import load_dataset, read_list  # noqa: E402
 from dataset.errors import InputError, run_cli  # noqa: E402
+from dataset.files import check_output_file  # noqa: E402
 from dataset.options import Options, add_options  # noqa: E402
 from preparation import align, checks, lists, statistics  # noqa: E402
 from preparation.options import AlignOptions, CheckOptions, ListWriteOptions, StatsOptions, TileSourceOptions  # noqa: E402
@@ -77,26 +78,31 @@ def cmd_list(options: ListWriteOptions) -> int:
                                      options.skip_missing)
     for image in skipped:
         print(f"skipped {image}: label missing")
-    lists.write_list(options.out, rows, options.absolute)
-    print(f"{options.out}: {len(rows)} tiles")
-    if options.split == "none":
-        return 0
-    if options.split == "random":
-        train, val = lists.random_split(len(rows), options.val_fraction, options.seed)
-        dropped: list[int] = []
-    else:
-        bounds = lists.tile_bounds([r.image for r in rows])
-        train, val, dropped = lists.spatial_split(bounds, options.val_fraction, options.seed, options.block_size)
-    stem = os.path.splitext(options.out)[0]
-    for part, indices in (("train", train), ("val", val)):
-        lists.write_list(f"{stem}_{part}.csv", [rows[i] for i in indices], options.absolute)
-        print(f"{stem}_{part}.csv: {len(indices)} tiles")
+    # Split (which reads every tile's georeferencing) before writing anything, so a failing split
+    # leaves no list behind.
+    outputs = [(options.out, list(range(len(rows))))]
+    dropped: list[int] = []
+    if options.split != "none":
+        if options.split == "random":
+            train, val = lists.random_split(len(rows), options.val_fraction, options.seed)
+        else:
+            bounds = lists.tile_bounds([r.image for r in rows])
+            train, val, dropped = lists.spatial_split(bounds, options.val_fraction, options.seed, options.block_size)
+        stem = os.path.splitext(options.out)[0]
+        outputs += [(f"{stem}_train.csv", train), (f"{stem}_val.csv", val)]
+    for path, _ in outputs:
+        check_output_file(path, "--out")
+    for path, indices in outputs:
+        lists.write_list(path, [rows[i] for i in indices], options.absolute)
+        print(f"{path}: {len(indices)} tiles")
     if dropped:
         print(f"{len(dropped)} tiles touch a val tile and are in neither split")
     return 0
 
 
 def cmd_stats(options: StatsOptions) -> int:
+    if options.out:
+        check_output_file(options.out, "--out")
     target, bands = statistics.statistics_target(options.out, options.base, options.name) if options.out \
         else (None, None)
     moments = statistics.band_statistics(_images(options), windows=options.windows, size=options.size,

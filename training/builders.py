@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import networks
 from dataset import DatasetDefinition, TileEntry
-from dataset.checks import check_entries, label_histogram, raise_problems
+from dataset.checks import check_entries, imagery_scale_warning, label_histogram, raise_problems
 from dataset.errors import InputError
 from dataset.raster_io import open_raster
 from networks import load_deit_weights, resolve_pretrained
@@ -62,6 +62,9 @@ def training_tiles(options: TrainOptions, dataset: DatasetDefinition, ctx: Distr
     if not usable:
         raise InputError(f"{list_path}: no tile is at least {options.chip_size}x{options.chip_size} "
                          "pixels (lower --chip_size)")
+    scale_warning = imagery_scale_warning([e.image for e in usable], dataset) if ctx.is_main else None
+    if scale_warning:
+        log.warning(scale_warning[len("warning: "):])
     return list_path, usable
 
 
@@ -106,7 +109,7 @@ def model(options: TrainOptions, config: Any, ctx: DistributedContext, log: RunL
     elif options.pretrained:
         log.warning("--pretrained ignored: the weights come from --resume")
     if resume_from is not None:
-        built.load_state_dict(resume_from["state_dict"])
+        networks.load_weights(built, resume_from["state_dict"], options.resume)
     return ctx.wrap(built.to(ctx.device))
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 
 from dataset.errors import InputError
-from dataset.options import TileListOptions, at_least, multiple_of, option, override, positive_number
+from dataset.options import TileListOptions, at_least, multiple_of, option, override, positive_number, seed_range
 from networks.config import CONFIG_NAMES, SIZE_MULTIPLE
 from runtime.device import DeviceOptions
 
@@ -59,7 +59,7 @@ class TrainOptions(DeviceOptions, TileListOptions):
     base_lr: float = option(0.01, "SGD learning rate before the poly decay; multiplied by batch/24 when the batch "
                                   "is a multiple of 6 other than 24, as published", group="optimisation",
                             check=positive_number)
-    seed: int = option(1234, "seed of every random draw", group="optimisation", check=at_least(0))
+    seed: int = option(1234, "seed of every random draw", group="optimisation", check=seed_range)
     aux_loss: bool = option(False, "add the auxiliary FCN head and its loss (weight 0.4); off as published",
                             group="optimisation")
 

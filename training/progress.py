@@ -45,8 +45,7 @@ class EpochMeter:
         """
         values = (self.window / self.window_steps).tolist()
         if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(f"the loss is not finite at step {step} ({values[0]}); "
-                                     "lower --base_lr or check the input data")
+            raise FloatingPointError(f"the loss is not finite at step {step} ({values[0]})")
         chips_per_s = self.window_chips / (time.perf_counter() - self.window_start)
         self.window.zero_()
         self.window_steps, self.window_chips, self.window_start = 0, 0, time.perf_counter()

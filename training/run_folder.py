@@ -5,19 +5,23 @@ Layout: ``last.pth`` after every epoch (what ``--resume`` reads: weights plus op
 the size: what ``test.py`` and ``auto_test.sh`` map with), ``run_config.json`` (every setting, the
 model config, the dataset definition, package versions and the git commit, written at start),
 ``train.log``, ``tensorboard/`` and ``val/`` (the maps of the last validation). Every file is
-written atomically.
+written atomically. A run holds an exclusive lock on ``.train.lock`` while it writes (the kernel
+drops it when the process dies), and ``--overwrite`` moves a previous run's files aside into
+``previous_run_<time>/`` so the folder holds one run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import importlib.metadata
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from typing import Any
 
 import torch
@@ -25,7 +29,7 @@ import torch
 from dataset import DatasetDefinition
 from dataset.definition import REPO_ROOT, without_prose
 from dataset.errors import InputError
-from dataset.files import atomic_output
+from dataset.files import FolderLock, atomic_output, check_output_folder, remove_stale_temporaries
 from networks import read_checkpoint, save_checkpoint
 from networks.config import config_to_dict
 from training.options import SCHEDULE_OPTIONS, TrainOptions
@@ -36,6 +40,9 @@ TRAINING_STATE = ("optimizer", "epoch", "step", "total_steps", "train_args")
 RESUME_ONLY = ("optimizer", "rng")
 #: Distributions whose versions ``run_config.json`` records (the runtime part of requirements.txt).
 RECORDED_PACKAGES = ("torch", "torchvision", "numpy", "rasterio", "tqdm", "tensorboardX", "ml-collections")
+#: What a run writes in its folder (glob patterns): what ``--overwrite`` moves aside.
+RUN_ENTRIES = ("last.pth", "epoch_*.pth", "run_config*.json", "train.log", "tensorboard", "val")
+LOCK_NAME = ".train.lock"
 
 
 class RunFolder:
@@ -45,6 +52,7 @@ class RunFolder:
         self.path = path
         self.last = os.path.join(path, "last.pth")
         self.val = os.path.join(path, "val")
+        self.lock: FolderLock | None = None
 
     def epoch_checkpoint(self, epoch: int) -> str:
         return os.path.join(self.path, f"epoch_{epoch}.pth")
@@ -54,6 +62,45 @@ class RunFolder:
         if os.path.exists(self.last) and not options.resume and not options.overwrite:
             raise InputError(f"{self.last}: a run is already saved here; continue it with --resume {self.last}, "
                              f"or pass --overwrite, or choose another --out_dir")
+
+    def claim(self, options: TrainOptions) -> str | None:
+        """Make the folder this run's (main rank): writable, locked against a second run, free of
+        temporary files of a killed run, and with ``--overwrite`` cleared of a previous run.
+
+        Returns:
+            What was done with a previous run, for the log (None if nothing).
+
+        Raises:
+            InputError: the folder cannot be written, another run holds it, or it holds a run and
+                neither ``--resume`` nor ``--overwrite`` is given.
+        """
+        check_output_folder(self.path, "--out_dir")
+        os.makedirs(self.path, exist_ok=True)
+        self.lock = FolderLock(self.path, LOCK_NAME, "another training run")
+        self.refuse_existing_run(options)
+        remove_stale_temporaries([self.last] + [self.epoch_checkpoint(e) for e in range(options.max_epochs)])
+        return self.set_aside_previous_run() if options.overwrite and not options.resume else None
+
+    def set_aside_previous_run(self) -> str | None:
+        """Move the files of :data:`RUN_ENTRIES` into ``previous_run_<time>/``; returns a log line or None."""
+        found = sorted({p for pattern in RUN_ENTRIES for p in glob.glob(os.path.join(glob.escape(self.path), pattern))})
+        if not found:
+            return None
+        target = os.path.join(self.path, "previous_run_" + time.strftime("%Y%m%d-%H%M%S"))
+        suffix = 1
+        while os.path.exists(target + (f"_{suffix}" if suffix > 1 else "")):
+            suffix += 1
+        target += f"_{suffix}" if suffix > 1 else ""
+        os.makedirs(target)
+        for path in found:
+            os.replace(path, os.path.join(target, os.path.basename(path)))
+        names = ", ".join(os.path.basename(p) for p in found)
+        return f"--overwrite: moved the previous run ({names}) to {target}; delete it when it is no longer needed"
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def save(self, epoch: int, *, keep_epoch: bool, model: torch.nn.Module, model_config: Any,
              dataset: DatasetDefinition, state: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ different dropout masks.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -100,8 +101,8 @@ class Trainer:
             self._reported: set[int] = set()
             self._announce()
             self._write_run_config()
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close(exc)
             raise
 
     def _setup_runtime(self) -> None:
@@ -115,8 +116,10 @@ class Trainer:
         if opts.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.folder.refuse_existing_run(opts)
+        set_aside = self.folder.claim(opts) if self.ctx.is_main else self.folder.refuse_existing_run(opts)
         self.log = RunLogger(self.folder.path, self.ctx.rank, self.ctx.world_size)
+        if set_aside:
+            self.log.info(set_aside)
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -172,9 +175,11 @@ class Trainer:
                 summary["epochs"].append(stats)
                 summary["checkpoints"].extend(self.save(epoch, stats))
             summary["step"] = self.step
-            return summary
-        finally:
-            self.close()
+        except BaseException as exc:
+            self.close(exc)
+            raise
+        self.close()
+        return summary
 
     def _batches(self) -> Iterator[ChipBatch | None]:
         """Batches of this rank; yields None when the rank is out of data. Notices are logged once
@@ -213,7 +218,10 @@ class Trainer:
             meter.add(terms, len(batch.chips))
             bar.update(1)
             if meter.window_due(opts.log_interval):
-                self._log_window(meter, lr, bar)
+                try:
+                    self._log_window(meter, lr, bar)
+                except FloatingPointError as exc:
+                    raise self._diverged(str(exc), lr) from None
         bar.close()
         return self._epoch_stats(epoch, meter)
 
@@ -267,6 +275,9 @@ class Trainer:
                  "chips_per_s": total_chips / max(seconds, 1e-9),
                  "lr": poly_lr(self.base_lr, max(self.step - 1, 0), self.total_steps)}
         stats.update(zip(LOSS_TERMS, (sums / max(total_steps, 1)).tolist()))
+        if not math.isfinite(stats["loss"]):  # steps after the last logging window: never save such weights
+            raise self._diverged(f"the loss is not finite in epoch {epoch + 1} (mean {stats['loss']}, up to step "
+                                 f"{self.step})", stats["lr"])
         aux = f", aux {stats['loss_aux']:.4f}" if self.opts.aux_loss else ""
         self.log.info(f"epoch {epoch + 1}/{self.opts.max_epochs}: loss {stats['loss']:.4f} "
                       f"(cnn {stats['loss_cnn']:.4f}, vit {stats['loss_vit']:.4f}{aux}), lr {stats['lr']:.3g}, "
@@ -275,6 +286,13 @@ class Trainer:
         logged = LOSS_TERMS[: 4 if self.opts.aux_loss else 3] + ("chips_per_s", "skipped_chips")
         self.log.scalars("epoch", {key: stats[key] for key in logged}, epoch + 1)
         return stats
+
+    def _diverged(self, what: str, lr: float) -> InputError:
+        """The one-line error of a diverged run: where, at which lr, and what is left on disk."""
+        last = self.folder.last
+        kept = f"the run's last checkpoint {last} (written before the divergence) is intact" \
+            if os.path.isfile(last) else "no checkpoint was written"
+        return InputError(f"{what} at lr {lr:.3g}: lower --base_lr or check the input data; {kept}")
 
     # ------------------------------------------------------------------ validation and checkpoints
     def validate(self, epoch: int) -> dict[str, Any]:
@@ -303,8 +321,11 @@ class Trainer:
             self.log.info(f"saved {written[0]}")
         return written
 
-    def close(self) -> None:
-        """Flush logs, release the process group this trainer created."""
+    def close(self, failure: BaseException | None = None) -> None:
+        """Record ``failure`` in train.log, flush logs, release the folder lock and the process group."""
         if self.log is not None:
+            if failure is not None:
+                self.log.failure(failure)
             self.log.close()
+        self.folder.release()
         self.ctx.close()

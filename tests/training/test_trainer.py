@@ -4,6 +4,7 @@ auxiliary loss, validation, pretrained blocks and bad input (exit status 2, one 
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import shutil
 
@@ -83,8 +84,8 @@ def test_cli_trains_sample_and_writes_checkpoints(tmp_path, four_tiles, capsys):
     assert run_cli(train.main, argv) == 0
     err = capsys.readouterr().err
     assert "--amp needs CUDA" in err
-    assert sorted(os.listdir(save)) == ["epoch_0.pth", "epoch_2.pth", "last.pth", "run_config.json", "tensorboard",
-                                        "train.log"]
+    assert sorted(glob.glob("*", root_dir=save)) == ["epoch_0.pth", "epoch_2.pth", "last.pth", "run_config.json",
+                                                     "tensorboard", "train.log"]
     payload = read_checkpoint(str(save / "last.pth"))
     assert payload["epoch"] == 2 and payload["step"] == 3 * 4 and payload["total_steps"] == 12
     assert payload["dataset"]["name"] == "sample" and payload["model_config"]["img_size"] == 32
