@@ -167,6 +167,6 @@ def imagery_scale_warning(images: Sequence[str], dataset: DatasetDefinition) -> 
         return None
     return (f"warning: {images[picks[0]]}: the imagery's sampled values (band means "
             f"{', '.join(f'{v:.3g}' for v in mean)}; stds {', '.join(f'{v:.3g}' for v in std)}) are far from "
-            f"dataset {dataset.name!r}'s normalisation (means {', '.join(f'{v:g}' for v in ref_mean)}; stds "
+            f"the normalisation of dataset {dataset.name!r} (means {', '.join(f'{v:g}' for v in ref_mean)}; stds "
             f"{', '.join(f'{v:g}' for v in ref_std)}): is it scaled differently (e.g. 0-1 floats for 0-255 "
             "statistics)? Rescale it, or give a definition with its own statistics (tools/prepare_data.py stats)")

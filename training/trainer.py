@@ -213,16 +213,16 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.max_epochs}", unit="step",
                    disable=not self.ctx.is_main, dynamic_ncols=True, leave=False)
         batches = self._batches()
-        while self.ctx.all_have_batch((batch := next(batches)) is not None, self.error):
-            terms, lr = self.train_step(batch)
-            meter.add(terms, len(batch.chips))
-            bar.update(1)
-            if meter.window_due(opts.log_interval):
-                try:
-                    self._log_window(meter, lr, bar)
-                except FloatingPointError as exc:
-                    raise self._diverged(str(exc), lr) from None
-        bar.close()
+        with bar:  # closed on an error too, so that the error gets a line of its own
+            while self.ctx.all_have_batch((batch := next(batches)) is not None, self.error):
+                terms, lr = self.train_step(batch)
+                meter.add(terms, len(batch.chips))
+                bar.update(1)
+                if meter.window_due(opts.log_interval):
+                    try:
+                        self._log_window(meter, lr, bar)
+                    except FloatingPointError as exc:
+                        raise self._diverged(str(exc), lr) from None
         return self._epoch_stats(epoch, meter)
 
     def train_step(self, batch: ChipBatch) -> tuple[LossTerms, float]:

@@ -166,6 +166,6 @@ def test_float_imagery_for_8_bit_statistics_warns(crops, tiny_checkpoint, tmp_pa
     argv = ["--checkpoint", tiny_checkpoint, "--out_dir", tmp_path / "maps", *FAST]
     assert run_cli(TEST_PY.main, [str(a) for a in argv + ["--list_dir", write_list(tmp_path / "s.csv", rows)]]) == 0
     err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "far from dataset 'sample'" in err and "0-1 floats" in err
+    assert err.count("warning:") == 1 and "far from the normalisation of dataset 'sample'" in err and "0-1 floats" in err
     assert run_cli(TEST_PY.main, [str(a) for a in argv + ["--list_dir", crops, "--out_dir", tmp_path / "m2"]]) == 0
     assert "warning:" not in capsys.readouterr().err

@@ -215,3 +215,21 @@ def test_unreadable_checkpoints_never_advise_weights_only_false(tmp_path):
         message = str(caught.value)
         assert f"{name}: cannot read checkpoint: not a VCNet checkpoint ({reason}" in message
         assert "networks.convert_published" in message and "weights_only" not in message
+
+
+def test_float_imagery_for_8_bit_statistics_warns_in_the_log(tmp_path, four_tiles):  # noqa: F811
+    import numpy as np
+    import rasterio
+
+    from dataset import read_list
+    from tests.helpers import write_geotiff, write_list
+
+    rows = []
+    for entry in read_list(four_tiles):
+        with rasterio.open(entry.image) as src:
+            scaled = src.read().astype(np.float32) / 255.0
+        rows.append([write_geotiff(str(tmp_path / os.path.basename(entry.image)), scaled), entry.label])
+    scaled_list = write_list(tmp_path / "scaled.csv", rows, columns=("image_fn", "label_fn"))
+    Trainer(options(tmp_path, scaled_list, max_epochs=1)).close()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("far from the normalisation of dataset 'sample'") == 1
