@@ -109,4 +109,5 @@ def mounted_tmpfs(path, size="200k", read_only=False):
     try:
         yield str(path)
     finally:
-        subprocess.run(["umount", str(path)], check=False)
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)  # still busy: detach it now, free it later
