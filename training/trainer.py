@@ -116,7 +116,11 @@ class Trainer:
         if opts.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
             torch.use_deterministic_algorithms(True, warn_only=True)
-        set_aside = self.folder.claim(opts) if self.ctx.is_main else self.folder.refuse_existing_run(opts)
+        set_aside = None
+        if self.ctx.is_main:
+            set_aside = self.folder.claim(opts)
+        else:
+            self.folder.refuse_existing_run(opts)
         self.log = RunLogger(self.folder.path, self.ctx.rank, self.ctx.world_size)
         if set_aside:
             self.log.info(set_aside)
