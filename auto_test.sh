@@ -81,7 +81,8 @@ done
 
 [[ ${#CHECKPOINTS[@]} -gt 0 ]] || { usage >&2; die "give at least one checkpoint or folder"; }
 
-mkdir -p "$OUT"
+[[ ! -e "$OUT" || -d "$OUT" ]] || die "--out_dir $OUT: is a file, not a folder"
+mkdir -p "$OUT" 2>/dev/null && [[ -w "$OUT" ]] || die "--out_dir $OUT: cannot write in this folder"
 SUMMARY="$OUT/summary.csv"
 rm -f "$SUMMARY"
 

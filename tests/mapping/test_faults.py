@@ -169,3 +169,15 @@ def test_float_imagery_for_8_bit_statistics_warns(crops, tiny_checkpoint, tmp_pa
     assert err.count("warning:") == 1 and "far from the normalisation of dataset 'sample'" in err and "0-1 floats" in err
     assert run_cli(TEST_PY.main, [str(a) for a in argv + ["--list_dir", crops, "--out_dir", tmp_path / "m2"]]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_auto_test_checks_its_output_folder_first(crops, tiny_checkpoint, tmp_path):  # noqa: F811
+    from tests.mapping.test_cli import _auto_test
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    done = _auto_test(["--list_dir", crops, "--out_dir", a_file, tiny_checkpoint], tmp_path)
+    assert done.returncode == 2 and done.stderr == f"auto_test.sh: error: --out_dir {a_file}: is a file, not a folder\n"
+    with mounted_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        done = _auto_test(["--list_dir", crops, "--out_dir", os.path.join(ro, "res"), tiny_checkpoint], tmp_path)
+        assert done.returncode == 2 and "cannot write in this folder" in done.stderr
