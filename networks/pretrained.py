@@ -12,7 +12,6 @@ downloaded once into the torch hub cache (``$TORCH_HOME/hub/checkpoints``, by de
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from dataset.errors import InputError
+from dataset.files import file_sha256
 
 BLOCK_PREFIX = "backbone."
 
@@ -50,14 +50,6 @@ KNOWN_WEIGHTS = {
 }
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def known_weights(ref: str) -> WeightsFile | None:
     """The :data:`KNOWN_WEIGHTS` entry that ``ref`` names (by name or by its file name), or None."""
     return KNOWN_WEIGHTS.get(ref) or next((w for w in KNOWN_WEIGHTS.values() if w.file_name == ref), None)
@@ -78,7 +70,7 @@ def resolve_pretrained(ref: str, progress: bool = True) -> str:
         raise InputError(f"{ref}: pretrained checkpoint not found (give a file path or one of {sorted(KNOWN_WEIGHTS)})")
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     target = os.path.join(folder, weights.file_name)
-    if os.path.isfile(target) and _sha256(target).startswith(weights.sha256_prefix):
+    if os.path.isfile(target) and file_sha256(target).startswith(weights.sha256_prefix):
         return target
     os.makedirs(folder, exist_ok=True)
     offline = (f"without network, download {weights.url} elsewhere and pass its path to --pretrained, or "
