@@ -78,7 +78,8 @@ class RunFolder:
         os.makedirs(self.path, exist_ok=True)
         self.lock = FolderLock(self.path, LOCK_NAME, "another training run")
         self.refuse_existing_run(options)
-        remove_stale_temporaries([self.last] + [self.epoch_checkpoint(e) for e in range(options.max_epochs)])
+        remove_stale_temporaries([self.last, self.run_config_path(0)]
+                                 + [self.epoch_checkpoint(e) for e in range(options.max_epochs)])
         return self.set_aside_previous_run() if options.overwrite and not options.resume else None
 
     def set_aside_previous_run(self) -> str | None:

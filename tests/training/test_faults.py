@@ -55,6 +55,16 @@ def test_overwrite_moves_the_previous_run_aside(tmp_path, four_tiles, capsys):  
     assert len(os.listdir(run / "tensorboard")) == 1
 
 
+def test_temporaries_of_a_killed_run_are_removed_at_the_next_start(tmp_path, four_tiles):  # noqa: F811
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".last.pth.x1.tmp", run / ".epoch_1.pth.x2.tmp", run / ".run_config.json.x3.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    Trainer(options(tmp_path, four_tiles, max_epochs=2)).close()
+    assert not [p for p in stale if p.exists()]
+
+
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, four_tiles, capsys):  # noqa: F811
     run = tmp_path / "run"
     run.mkdir()
