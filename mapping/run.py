@@ -27,7 +27,7 @@ from mapping.overviews import OVERVIEW_MIN_SIZE
 from mapping.preview import write_preview
 from mapping.writer import map_tile, output_name, outputs_exist, probs_name
 from networks import load_model
-from runtime.device import distributed_rank, resolve_device
+from runtime.device import distributed_rank, prepare_device, resolve_device
 
 
 def select_dataset(model_dataset, name: str | None, warn: Callable[[str], None] | None = None):
@@ -139,6 +139,7 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
         :func:`map_list`'s ``{"mapped": [...], "skipped": [...]}``.
     """
     device = resolve_device(options.device, options.gpu)
+    prepare_device(device)
     model = load_model(options.checkpoint, device=device)
     dataset = select_dataset(model.dataset, options.dataset)
     _, entries = options.read_list(dataset, required=("image_fn",))
