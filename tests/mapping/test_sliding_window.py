@@ -234,9 +234,6 @@ def test_read_error_in_read_ahead_thread_is_raised():
 # --- the device pipeline: normalisation, uint8 outputs, threads --------------------------------
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_normalisation_on_the_device_is_bit_identical_to_the_host(sample_ds, dtype):
     """uint8 goes through the lookup table, the rest through float64: both equal normalize()."""
@@ -319,7 +316,7 @@ def test_closing_early_stops_the_reading_and_computing_threads():
     assert threading.active_count() == before
 
 
-@CUDA
+@pytest.mark.cuda
 @pytest.mark.parametrize("amp", [False, True])
 def test_cuda_class_map_agrees_with_the_cpu(sample_ds, amp):
     """Same stand-in model on CUDA: identical map in float32 up to TF32 near-ties; bf16 close."""

@@ -58,10 +58,7 @@ def test_core_matches_loop_reference():
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=1e-10)
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@CUDA
+@pytest.mark.cuda
 def test_core_matches_loop_reference_on_cuda():
     """The same check with CUDA inputs (the loop reference follows its inputs' device)."""
     value, locations, weights = (t.cuda() for t in random_inputs())

@@ -53,7 +53,8 @@ class MappingBenchmarkOptions(SlidingWindowOptions):
     size: list[int] = option(default_factory=lambda: [10000], group="benchmark",
                              help="side(s) of the square test tile in pixels (default: 10000)")
     model: str = option("stub", "null: fixed logits at no cost (the pipeline's own ceiling); stub: two 1x1 "
-                        "convolutions; tiny: the tiny VCNet", choices=("null", "stub", "tiny"), group="benchmark")
+                        "convolutions; tiny / vcnet: the tiny / published-size VCNet, random weights",
+                        choices=("null", "stub", "tiny", "vcnet"), group="benchmark")
     checkpoint: str | None = option(None, "map with this checkpoint instead of --model", group="benchmark")
     device: str = option("cpu", "cpu, cuda or cuda:N", group="benchmark")
     amp: bool = option(False, "bfloat16 autocast of the model (CUDA only)", group="benchmark")
@@ -143,11 +144,11 @@ def _model(args, dataset_name: str = "sample"):
         model = load_model(args.checkpoint, device=args.device)
         return model, model.dataset
     dataset = load_dataset(dataset_name)
-    if args.model == "tiny":
-        from networks import build_model, get_tiny_config
+    if args.model in ("tiny", "vcnet"):
+        from networks import build_model, get_config
 
         torch.manual_seed(0)
-        return build_model(get_tiny_config()).eval().to(args.device), dataset
+        return build_model(get_config(args.model)).eval().to(args.device), dataset
     if args.model == "null":
         return _Null(dataset.num_classes).eval().to(args.device), dataset
     return _Stub(dataset.num_bands, dataset.num_classes).eval().to(args.device), dataset
@@ -162,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
     args = MappingBenchmarkOptions(**{k: v for k, v in vars(args).items() if k in fields})
     args.check()
     sizes = args.size
+    from runtime.device import prepare_device
+
+    prepare_device(torch.device(args.device))
     model, dataset = _model(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="vcnet_mapping_bench_")
     os.makedirs(workdir, exist_ok=True)
