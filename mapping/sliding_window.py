@@ -403,7 +403,7 @@ class _HostStrip:
             self.probs = None
             if probs.device.type == "cuda":
                 self.event = torch.cuda.Event()
-                self.event.record()
+                self.event.record(torch.cuda.current_stream(probs.device))
 
     def wait(self) -> ClassStrip:
         if self.probs is not None:
@@ -416,6 +416,8 @@ class _HostStrip:
 
 def _host_strips(model: Callable, read_rows: ReadRows, height: int, width: int, probabilities: bool,
                  **window: Any) -> Iterator[_HostStrip]:
+    if window["device"].type == "cuda":  # this may be a new thread, whose current device is GPU 0
+        torch.cuda.set_device(window["device"])
     strips = _blended_strips(model, read_rows, height, width, **window)
     with contextlib.closing(strips):
         for row, probs in strips:

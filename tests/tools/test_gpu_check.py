@@ -19,6 +19,9 @@ def test_gpu_plan_fits_nine_minutes_and_covers_every_path():
     tile = next(stage for stage in plan if stage.name == "mapping_vcnet").argv
     assert tile[tile.index("--size") + 1] == "10000" and "vcnet" in tile
     assert [s.name for s in gpu_check.stages(smoke=True)] == [n for n in names if n != "cuda_tests"]
+    records = [{"stage": "model_bf16", "result": {"forward_chips_per_s": 200.0}},
+               {"stage": "mapping_vcnet", "result": {"results": [{"chips_per_s": 170.0}]}}]
+    assert gpu_check._mapping_share(records) == 0.85  # whole-tile mapping / model-only forward
 
 
 def test_smoke_stages_run_and_are_summarised(tmp_path, monkeypatch):
