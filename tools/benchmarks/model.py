@@ -75,8 +75,11 @@ def _chips(shape, device: torch.device, channels_last: bool, seed: int = 0) -> t
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _autocast(args, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
+def _autocast(args, device: torch.device, cache: bool = True):
+    """bfloat16 autocast if asked; ``cache=False`` for CUDA-graph capture, where cached casts would go stale."""
+    if not args.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def _graphed_forward(model, batch: torch.Tensor, args, device: torch.device):
@@ -84,12 +87,12 @@ def _graphed_forward(model, batch: torch.Tensor, args, device: torch.device):
     static = batch.clone()
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.inference_mode(), _autocast(args, device):
+    with torch.cuda.stream(side), torch.inference_mode(), _autocast(args, device, cache=False):
         for _ in range(3):  # warm-up off the graph (cuDNN benchmark, lazy buffers)
             model(static)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode(), _autocast(args, device):
+    with torch.cuda.graph(graph), torch.inference_mode(), _autocast(args, device, cache=False):
         outputs = model(static)
 
     def forward(x: torch.Tensor):
@@ -207,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         check = _chips((min(forward_batch, 8), *shape), device, args.channels_last, seed=1)
         with torch.inference_mode():
             expected = tuple(o.float() for o in reference(check.contiguous()))
-            got = forward_fn(torch.cat([check, batch[len(check):]]) if args.cuda_graphs else check)
+            # A whole batch, so that a graph or a compiled model sees the shape it was made for.
+            got = forward_fn(torch.cat([check, batch[len(check):]]))
         result.update(_class_agreement(tuple(o[:len(check)] for o in got), expected))
         del reference
 
