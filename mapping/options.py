@@ -36,7 +36,8 @@ class SlidingWindowOptions(Options):
     stride: int = option(112, "sliding-window stride, at most the chip size", group="sliding window",
                          check=at_least(1))
     batch_size: int = option(16, "chips per forward pass", group="sliding window", check=at_least(1))
-    num_workers: int = option(2, "image strips read ahead by a background thread", group="sliding window",
+    num_workers: int = option(2, "image strips read ahead by a background thread (0: no background threads; "
+                                 "above 0 the chips are also computed in a second one)", group="sliding window",
                               check=at_least(0))
 
     def check(self) -> None:

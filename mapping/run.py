@@ -32,7 +32,7 @@ from mapping.overviews import OVERVIEW_MIN_SIZE
 from mapping.preview import write_preview
 from mapping.writer import describe_provenance, map_provenance, map_tile, output_name, output_state, probs_name
 from networks import load_model
-from runtime.device import distributed_rank, resolve_device
+from runtime.device import distributed_rank, prepare_device, resolve_device
 
 
 def select_dataset(model_dataset, name: str | None, warn: Callable[[str], None] | None = None):
@@ -169,6 +169,7 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
     """
     device = resolve_device(options.device, options.gpu)
     check_output_folder(options.out_dir, "--out_dir")
+    prepare_device(device)
     model = load_model(options.checkpoint, device=device)
     dataset = select_dataset(model.dataset, options.dataset)
     provenance = map_provenance(file_sha256(options.checkpoint), dataset.name, options.chip_size, options.stride)

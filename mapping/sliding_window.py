@@ -27,16 +27,16 @@ Tiles smaller than a chip are reflect-padded up to one chip and the result is cr
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 ReadRows = Callable[[int, int], np.ndarray]
-Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
 def chip_offsets(size: int, chip: int, stride: int) -> list[int]:
@@ -71,38 +71,100 @@ def center_kernel(chip: int, stride: int, weight: float = 5.0) -> np.ndarray:
     return kernel
 
 
-class StripAccumulator:
-    """Weighted probability sums for one chip-high band of rows of the (padded) tile.
+def _one_thread(function: Callable) -> Callable:
+    """Run ``function`` with one intra-op CPU thread, then restore torch's setting.
 
-    Buffer row 0 is the top row of the current grid row of chips. :meth:`add` adds a chip of
-    that grid row; :meth:`release` finishes the top ``n`` rows (``Acc / Cnt``) and moves the band
-    down by ``n``.
+    The pipeline's own CPU work (normalising, softmax, blending, argmax) is memory-bound: split over
+    threads it gains little, and its barriers stall whenever the reading or writing thread (or
+    another process) holds a core. The model keeps torch's setting. The setting is per thread.
+    """
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return function(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
+class BandNormaliser:
+    """Per-band ``(x - mean) / std`` of raw image rows, on their device, bit for bit as
+    :func:`dataset.raster_io.normalize` (float64 arithmetic rounded to float32).
+
+    8-bit pixels go through a per-band table of the 256 values, each computed in float64 and
+    rounded once, so the result is identical at a fraction of the cost; other pixel types are
+    computed in float64 on the device.
     """
 
-    def __init__(self, num_classes: int, chip: int, width: int, kernel: np.ndarray):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
+        self.mean = torch.tensor(mean, dtype=torch.float64, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float64, device=device).view(-1, 1, 1)
+        levels = torch.arange(256, dtype=torch.float64, device=device).view(1, -1, 1)
+        self.table = ((levels - self.mean) / self.std).view(len(mean), 256).float()
+
+    @_one_thread
+    @torch.inference_mode()
+    def __call__(self, band: torch.Tensor) -> torch.Tensor:
+        """``band`` ``(bands, h, w)`` raw pixels -> float32 model input of the same shape."""
+        if band.dtype != torch.uint8:
+            return ((band.double() - self.mean) / self.std).float()
+        out = torch.empty(band.shape, dtype=torch.float32, device=band.device)
+        for index in range(band.shape[0]):
+            torch.index_select(self.table[index], 0, band[index].reshape(-1).int(), out=out[index].view(-1))
+        return out
+
+
+class StripAccumulator:
+    """Weighted probability sums for one chip-high band of rows of the (padded) tile, on the device.
+
+    Buffer row 0 is the top row of the current grid row of chips. :meth:`start_grid_row` adds the
+    grid row's kernel weights to the counts (integers, so their order does not matter); :meth:`add`
+    adds a chip's kernel-weighted probabilities; :meth:`release` finishes the top ``n`` rows
+    (``Acc / Cnt``) and moves the band down by ``n``.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, num_classes: int, chip: int, cols: Sequence[int], width: int, kernel: torch.Tensor):
         self.chip = chip
-        self.kernel = kernel
-        self.acc = np.zeros((num_classes, chip, width), dtype=np.float32)
-        self.cnt = np.zeros((chip, width), dtype=np.float32)
+        self.acc = torch.zeros((num_classes, chip, width), device=kernel.device)
+        self.spare = torch.empty_like(self.acc)
+        self.cnt = torch.zeros((chip, width), device=kernel.device)
+        self.row_weights = torch.zeros((chip, width), device=kernel.device)
+        for col in cols:
+            self.row_weights[:, col:col + chip] += kernel
 
-    def add(self, col: int, probs: np.ndarray) -> None:
-        """Add ``probs`` ``(C, chip, chip)`` of a chip at column ``col`` of the current grid row."""
-        self.acc[:, :, col:col + self.chip] += probs * self.kernel
-        self.cnt[:, col:col + self.chip] += self.kernel
+    @_one_thread
+    @torch.inference_mode()
+    def start_grid_row(self) -> None:
+        self.cnt += self.row_weights
 
-    def release(self, rows: int) -> np.ndarray:
+    @_one_thread
+    @torch.inference_mode()
+    def add(self, col: int, weighted: torch.Tensor) -> None:
+        """Add ``weighted`` ``(C, chip, chip)`` (``p * K``) of a chip at column ``col``."""
+        self.acc[:, :, col:col + self.chip] += weighted
+
+    @_one_thread
+    @torch.inference_mode()
+    def release(self, rows: int) -> torch.Tensor:
         """Return the finished top ``rows`` rows as ``(C, rows, width)`` averages and shift."""
         done = self.acc[:, :rows] / self.cnt[:rows]
         keep = self.chip - rows
-        self.acc[:, :keep] = self.acc[:, rows:]
-        self.acc[:, keep:] = 0
-        self.cnt[:keep] = self.cnt[rows:]
-        self.cnt[keep:] = 0
+        self.spare[:, :keep] = self.acc[:, rows:]
+        self.spare[:, keep:] = 0
+        self.acc, self.spare = self.spare, self.acc
+        self.cnt = torch.cat([self.cnt[rows:], torch.zeros_like(self.cnt[:rows])])
         return done
 
 
 def _prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
-    """Yield ``items``, produced ``depth`` ahead by a background thread (``depth`` 0: inline)."""
+    """Yield ``items``, produced ``depth`` ahead by a background thread (``depth`` 0: inline).
+
+    The thread closes ``items`` when it stops, so nested read-ahead stops with it."""
     if depth <= 0:
         yield from items
         return
@@ -112,15 +174,16 @@ def _prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
 
     def produce() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
+            with contextlib.closing(iter(items)) if hasattr(items, "close") else contextlib.nullcontext():
+                for item in items:
+                    while not stop.is_set():
+                        try:
+                            slots.put((item, None), timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
             slots.put((end, None))
         except BaseException as exc:  # handed to the consumer, raised there
             slots.put((end, exc))
@@ -143,20 +206,36 @@ def _prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
         worker.join()
 
 
-def _chip_rows(read_rows: ReadRows, height: int, width: int, chip: int, stride: int
-               ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(row, band)`` for each grid row: the ``(C, chip, max(width, chip))`` image band."""
+def _chip_rows(read_rows: ReadRows, height: int, width: int, chip: int, stride: int, device: torch.device,
+               normalise: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(row, band)`` for each grid row: the ``(C, chip, max(width, chip))`` image band as a
+    tensor ready for :func:`_on_device`: normalised already for the CPU, raw and pinned for CUDA
+    (the raw pixels are the smaller copy; pinned memory lets the copy overlap device work)."""
     padded_w = max(width, chip)
     for row in chip_offsets(height, chip, stride):
         band = read_rows(row, min(row + chip, height))
         short_h, short_w = chip - band.shape[1], padded_w - band.shape[2]
         if short_h or short_w:
             band = np.pad(band, ((0, 0), (0, short_h), (0, short_w)), mode="reflect")
+        tensor = torch.from_numpy(np.ascontiguousarray(band))
+        if device.type == "cuda":
+            yield row, tensor.pin_memory()
+        else:
+            yield row, normalise(tensor) if normalise else tensor.float()
+
+
+def _on_device(bands: Iterable[tuple[int, torch.Tensor]], device: torch.device,
+               normalise: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    for row, band in bands:
+        if band.device != device:
+            band = band.to(device, non_blocking=True)
+            band = normalise(band) if normalise else band.float()
         yield row, band
 
 
-def _batches(chips: Iterable[tuple[int, int, np.ndarray]], size: int) -> Iterator[list[tuple[int, int, np.ndarray]]]:
-    batch: list[tuple[int, int, np.ndarray]] = []
+def _batches(chips: Iterable[tuple[int, int, torch.Tensor]], size: int
+             ) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
+    batch: list[tuple[int, int, torch.Tensor]] = []
     for item in chips:
         batch.append(item)
         if len(batch) == size:
@@ -166,74 +245,204 @@ def _batches(chips: Iterable[tuple[int, int, np.ndarray]], size: int) -> Iterato
         yield batch
 
 
-@torch.inference_mode()
-def _chip_probabilities(model: Callable, batch: Sequence[np.ndarray], preprocess: Preprocess | None,
-                        device: torch.device, amp: bool) -> np.ndarray:
-    """``softmax((vit + cnn) / 2)`` of a batch of chips, as float32 ``(B, C, chip, chip)``."""
-    chips = np.stack(batch)
-    x = torch.from_numpy(preprocess(chips) if preprocess else chips).to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
-                else contextlib.nullcontext())
-    with autocast:
-        vit_logits, cnn_logits = model(x)
-    # (vit + cnn) / 2, in place (halving is exact, so this equals the out-of-place form)
-    logits = vit_logits.float().add_(cnn_logits).mul_(0.5)
-    return torch.softmax(logits, dim=1).cpu().numpy()
+class _ChipWork:
+    """``softmax((vit + cnn) / 2) * K`` of batches of chips, in buffers reused from batch to batch
+    (fresh multi-megabyte tensors cost page faults on the CPU at every batch)."""
+
+    def __init__(self, model: Callable, kernel: torch.Tensor, amp: bool):
+        self.model, self.kernel = model, kernel
+        self.autocast = amp and kernel.device.type == "cuda"
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """A ``shape`` view of the buffer ``name``, grown when too small."""
+        held = self.buffers.get(name)
+        if held is None or held.shape[0] < shape[0] or held.shape[1:] != tuple(shape[1:]):
+            held = self.buffers[name] = torch.empty(tuple(shape), device=self.kernel.device)
+        return held[:shape[0]]
+
+    def __call__(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Float32 ``(B, C, chip, chip)`` for the ``(bands, chip, chip)`` ``chips``; valid until the next call."""
+        return self._weigh(*self._forward(self._stack(chips)))
+
+    @_one_thread
+    def _stack(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(chips, out=self._buffer("chips", (len(chips), *chips[0].shape)))
+
+    @torch.inference_mode()
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+            return self.model(batch)
+
+    @_one_thread
+    @torch.inference_mode()
+    def _weigh(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor) -> torch.Tensor:
+        # (vit + cnn) / 2 in float32 (halving is exact); out of place, the model's outputs stay as they are
+        logits = torch.add(vit_logits.float(), cnn_logits, out=self._buffer("logits", vit_logits.shape)).mul_(0.5)
+        weighted = torch.softmax(logits, dim=1, out=self._buffer("weighted", logits.shape))
+        return weighted.mul_(self.kernel)
 
 
-def iter_probability_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
-                            preprocess: Preprocess | None = None, chip_size: int = 224, stride: int = 112,
-                            batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False,
-                            prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-    """Map a tile band by band: yield ``(row, probs)`` for consecutive finished rows.
-
-    Args:
-        model: callable ``x (B, bands, chip, chip) -> (vit_logits, cnn_logits)``, each
-            ``(B, C, chip, chip)``.
-        read_rows: ``read_rows(r0, r1)`` returns the image rows ``[r0, r1)`` as ``(bands, r1 - r0,
-            width)``, raw (then give ``preprocess``) or already as the model's float32 input.
-        preprocess: applied to each stacked batch of chips ``(B, bands, chip, chip)`` to give the
-            float32 model input, e.g. the per-band normalisation. Normalising chips rather than
-            whole rows keeps only raw (uint8) rows in memory.
-        height, width: tile size in pixels (any size; tiles smaller than a chip are padded).
-        chip_size, stride: the sliding window (published 224 and 112).
-        batch_size: chips per forward pass.
-        device: where the chips go (the model must already be there).
-        amp: bfloat16 autocast (CUDA only; ignored elsewhere).
-        prefetch: image bands read ahead by a background thread (0: none).
-
-    Yields:
-        ``(row, probs)`` with ``probs`` float32 ``(C, h, width)``: the blended class probabilities
-        ``Acc / Cnt`` of tile rows ``[row, row + h)``. Rows come in order and cover the tile once.
-    """
-    device = torch.device(device)
+def _blended_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
+                    mean: Sequence[float] | None, std: Sequence[float] | None, chip_size: int, stride: int,
+                    batch_size: int, device: torch.device, amp: bool, prefetch: int
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(row, probs)`` for consecutive finished rows; ``probs`` ``(C, h, width)`` on ``device``."""
     offsets = chip_offsets(height, chip_size, stride)
     cols = chip_offsets(width, chip_size, stride)
-    padded_h = max(height, chip_size)
+    padded_h, padded_w = max(height, chip_size), max(width, chip_size)
     # Rows [offsets[i], ends[i]) are final once grid row i is done.
     ends = dict(zip(offsets, [*offsets[1:], padded_h]))
-    kernel = center_kernel(chip_size, stride)
+    kernel = torch.from_numpy(center_kernel(chip_size, stride)).to(device)
+    normalise = BandNormaliser(mean, std, device) if mean is not None and std is not None else None
     acc: StripAccumulator | None = None
     current = 0
+    reader = _chip_rows(read_rows, height, width, chip_size, stride, device, normalise)
     # closing(): stop the read-ahead thread before the caller closes the source.
-    with contextlib.closing(_prefetch(_chip_rows(read_rows, height, width, chip_size, stride), prefetch)) as bands:
-        chips = ((row, col, band[:, :, col:col + chip_size]) for row, band in bands for col in cols)
+    with contextlib.closing(_prefetch(reader, prefetch)) as bands:
+        chips = ((row, col, band[:, :, col:col + chip_size])
+                 for row, band in _on_device(bands, device, normalise) for col in cols)
+        work = _ChipWork(model, kernel, amp)
         for batch in _batches(chips, batch_size):
-            probs = _chip_probabilities(model, [c for _, _, c in batch], preprocess, device, amp)
-            for (row, col, _), p in zip(batch, probs):
+            weighted = work([c for _, _, c in batch])
+            for (row, col, _), chip_weighted in zip(batch, weighted):
                 if acc is None:
-                    acc = StripAccumulator(p.shape[0], chip_size, max(width, chip_size), kernel)
+                    acc = StripAccumulator(weighted.shape[1], chip_size, cols, padded_w, kernel)
+                    acc.start_grid_row()
                 if row != current:
                     yield from _finished(acc, current, row, height, width)
+                    acc.start_grid_row()
                     current = row
-                acc.add(col, p)
+                acc.add(col, chip_weighted)
     if acc is not None:
         yield from _finished(acc, current, ends[current], height, width)
 
 
-def _finished(acc: StripAccumulator, row: int, end: int, height: int, width: int) -> Iterator[tuple[int, np.ndarray]]:
+def _finished(acc: StripAccumulator, row: int, end: int, height: int, width: int
+              ) -> Iterator[tuple[int, torch.Tensor]]:
     """Release rows ``[row, end)`` of the padded tile, cropped to the real tile."""
     probs = acc.release(end - row)
     rows = min(end, height) - row
     if rows > 0:
         yield row, probs[:, :rows, :width]
+
+
+def iter_probability_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
+                            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                            chip_size: int = 224, stride: int = 112, batch_size: int = 16,
+                            device: str | torch.device = "cpu", amp: bool = False,
+                            prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Map a tile band by band: yield ``(row, probs)`` for consecutive finished rows.
+
+    Args:
+        model: callable ``x (B, bands, chip, chip) -> (vit_logits, cnn_logits)``, each
+            ``(B, C, chip, chip)``, already on ``device``.
+        read_rows: ``read_rows(r0, r1)`` returns the image rows ``[r0, r1)`` as ``(bands, r1 - r0,
+            width)``: raw pixels (then give ``mean`` and ``std``) or already the model's input.
+        height, width: tile size in pixels (any size; tiles smaller than a chip are padded).
+        mean, std: per-band normalisation ``(x - mean) / std``, done on the device (numerics of
+            :func:`dataset.raster_io.normalize`); None: the rows are used as they are (as float32).
+        chip_size, stride: the sliding window (published 224 and 112).
+        batch_size: chips per forward pass.
+        device: where the chips, the softmax and the blending go (the model must already be there).
+        amp: bfloat16 autocast of the model (CUDA only; ignored elsewhere). Softmax and blending
+            stay float32.
+        prefetch: image bands read ahead by a background thread (0: none).
+
+    Yields:
+        ``(row, probs)`` with ``probs`` float32 ``(C, h, width)`` on the host: the blended class
+        probabilities ``Acc / Cnt`` of tile rows ``[row, row + h)``. Rows come in order and cover
+        the tile once. :func:`iter_class_strips` brings back only the uint8 class map.
+    """
+    strips = _blended_strips(model, read_rows, height, width, mean=mean, std=std, chip_size=chip_size,
+                             stride=stride, batch_size=batch_size, device=torch.device(device), amp=amp,
+                             prefetch=prefetch)
+    with contextlib.closing(strips):
+        for row, probs in strips:
+            yield row, probs.cpu().numpy()
+
+
+class ClassStrip(NamedTuple):
+    """Finished rows ``[row, row + h)`` of a tile's map, on the host."""
+
+    row: int
+    classes: np.ndarray  #: ``(h, width)`` uint8: argmax of the blended probabilities
+    probs: np.ndarray | None  #: ``(C, h, width)`` uint8: the blended probabilities x 255, rounded, if asked
+    num_classes: int
+
+
+def _class_map(probs: torch.Tensor) -> torch.Tensor:
+    """Argmax over the classes as uint8; the first maximum on ties, as ``np.argmax``."""
+    if probs.device.type == "cpu":  # numpy's reduction over the first axis is several times faster on the CPU
+        return torch.from_numpy(np.argmax(probs.numpy(), axis=0).astype(np.uint8))
+    return probs.argmax(0).to(torch.uint8)
+
+
+@_one_thread
+@torch.inference_mode()
+def _uint8_outputs(probs: torch.Tensor, with_probs: bool) -> list[torch.Tensor]:
+    """The class map and, if asked, the probabilities x 255 rounded half to even (as ``np.rint``)."""
+    return [_class_map(probs)] + ([probs.mul(255.0).round_().to(torch.uint8)] if with_probs else [])
+
+
+class _HostStrip:
+    """A released strip on its way to the host as uint8.
+
+    On CUDA the uint8 outputs are computed and copied (non-blocking, into pinned memory) as soon as
+    the strip is released, and :meth:`wait` waits for the copy: the device goes on with the next
+    rows meanwhile. On the CPU :meth:`wait` computes them, in the thread that asks for them.
+    """
+
+    def __init__(self, row: int, probs: torch.Tensor, with_probs: bool):
+        self.row, self.num_classes, self.with_probs = row, probs.shape[0], with_probs
+        self.probs: torch.Tensor | None = probs
+        self.event = None
+        if probs.device.type != "cpu":
+            self.outputs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=probs.device.type == "cuda")
+                            .copy_(t, non_blocking=True) for t in _uint8_outputs(probs, with_probs)]
+            self.probs = None
+            if probs.device.type == "cuda":
+                self.event = torch.cuda.Event()
+                self.event.record(torch.cuda.current_stream(probs.device))
+
+    def wait(self) -> ClassStrip:
+        if self.probs is not None:
+            self.outputs = _uint8_outputs(self.probs, self.with_probs)
+        if self.event is not None:
+            self.event.synchronize()
+        arrays = [t.numpy() for t in self.outputs]
+        return ClassStrip(self.row, arrays[0], arrays[1] if self.with_probs else None, self.num_classes)
+
+
+def _host_strips(model: Callable, read_rows: ReadRows, height: int, width: int, probabilities: bool,
+                 **window: Any) -> Iterator[_HostStrip]:
+    if window["device"].type == "cuda":  # this may be a new thread, whose current device is GPU 0
+        torch.cuda.set_device(window["device"])
+    strips = _blended_strips(model, read_rows, height, width, **window)
+    with contextlib.closing(strips):
+        for row, probs in strips:
+            yield _HostStrip(row, probs, probabilities)
+
+
+def iter_class_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                      chip_size: int = 224, stride: int = 112, batch_size: int = 16,
+                      device: str | torch.device = "cpu", amp: bool = False, prefetch: int = 0,
+                      probabilities: bool = False) -> Iterator[ClassStrip]:
+    """Map a tile band by band: yield a :class:`ClassStrip` for consecutive finished rows.
+
+    Softmax and blending are computed on ``device``, and so are the argmax (and the uint8
+    probabilities) unless it is the CPU; only uint8 rows come back. With ``prefetch``, reading,
+    device work and the caller's work on the strips (writing) overlap: bands are read by one
+    background thread and the chips computed by another, a strip ahead of the caller (which, on
+    the CPU, also takes the argmax).
+
+    Args: those of :func:`iter_probability_strips`, and
+        probabilities: also return the probabilities as uint8 (x 255).
+    """
+    strips = _host_strips(model, read_rows, height, width, probabilities, mean=mean, std=std,
+                          chip_size=chip_size, stride=stride, batch_size=batch_size,
+                          device=torch.device(device), amp=amp, prefetch=prefetch)
+    with contextlib.closing(_prefetch(strips, 2 if prefetch else 0)) as ready:
+        for strip in ready:
+            yield strip.wait()

@@ -1,7 +1,7 @@
 """Writing a tile's class map (and probabilities) as a GeoTIFF while the sliding window runs.
 
 :func:`map_tile` is the whole job for one tile: it reads the image strip by strip, runs
-:func:`mapping.sliding_window.iter_probability_strips`, and writes each finished strip of the
+:func:`mapping.sliding_window.iter_class_strips`, and writes each finished strip of the
 class map (argmax) and, if asked, of the probabilities. Outputs keep the input's size, CRS and
 transform, carry the dataset's colours and class names, and are written under a temporary name
 that is renamed only when complete. File names follow the published convention
@@ -27,7 +27,6 @@ from dataset.raster_io import (
     GEOTIFF_BLOCK,
     check_bands,
     geotiff_profile,
-    normalize,
     open_raster,
     raster_problem,
     read_window,
@@ -35,7 +34,7 @@ from dataset.raster_io import (
 )
 from mapping.legend import category_names_path, write_category_names
 from mapping.overviews import OVERVIEW_MIN_SIZE, add_overviews
-from mapping.sliding_window import iter_probability_strips
+from mapping.sliding_window import iter_class_strips
 
 #: GDAL block cache while mapping: at least this, or enough for a few block rows of a wide tile.
 #: GDAL's default (5 % of RAM) would otherwise keep most of a large input tile cached.
@@ -178,11 +177,12 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
         image_path: input GeoTIFF with ``dataset.num_bands`` bands.
         out_path: the class map to write.
         dataset: :class:`dataset.DatasetDefinition` for normalisation, classes and colours.
-        chip_size, stride, batch_size, device, amp: see :func:`iter_probability_strips`.
+        chip_size, stride, batch_size, device, amp: see :func:`mapping.sliding_window.iter_probability_strips`.
         overwrite: re-map even if the outputs exist (otherwise existing outputs are kept).
         probs_path: also write per-class probabilities, uint8 scaled by 255 (band ``i`` = class
             ``i``, band descriptions = class names, scale 1/255).
-        num_workers: image bands read ahead in a background thread.
+        num_workers: image bands read ahead in a background thread; when above 0, the chips are also
+            computed in a second thread, so reading, computing and writing overlap.
         overview_min_size: maps whose longer side has at least this many pixels get overviews
             (0: never).
         provenance: :func:`map_provenance` of this run, stored in both outputs.
@@ -215,17 +215,17 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
                 tmp = stack.enter_context(written_raster(path, "probabilities" if probabilities else "class map"))
                 dst = stack.enter_context(_open_output(tmp, src, dataset, probabilities, tags))
                 writers.append(BlockRowWriter(dst))
-            strips = stack.enter_context(contextlib.closing(iter_probability_strips(
+            strips = stack.enter_context(contextlib.closing(iter_class_strips(
                 module, lambda r0, r1: read_window(src, Window(0, r0, src.width, r1 - r0)), src.height, src.width,
-                preprocess=lambda chips: normalize(chips, dataset.mean, dataset.std), chip_size=chip_size,
-                stride=stride, batch_size=batch_size, device=device, amp=amp, prefetch=num_workers)))
-            for _, probs in strips:
-                if probs.shape[0] != dataset.num_classes:
-                    raise InputError(f"{image_path}: the model outputs {probs.shape[0]} classes, dataset "
+                mean=dataset.mean, std=dataset.std, chip_size=chip_size, stride=stride, batch_size=batch_size,
+                device=device, amp=amp, prefetch=num_workers, probabilities=probs_path is not None)))
+            for strip in strips:
+                if strip.num_classes != dataset.num_classes:
+                    raise InputError(f"{image_path}: the model outputs {strip.num_classes} classes, dataset "
                                      f"{dataset.name!r} has {dataset.num_classes}")
-                writers[0].add(np.argmax(probs, axis=0).astype(np.uint8)[None])
+                writers[0].add(strip.classes[None])
                 if probs_path:
-                    writers[1].add(np.rint(probs * 255.0).astype(np.uint8))
+                    writers[1].add(strip.probs)
             for writer in writers:
                 writer.close()
             add_overviews(writers[0].dst, overview_min_size)

@@ -4,6 +4,10 @@ No compiled extension: the sampling is ``F.grid_sample`` with bilinear interpola
 and ``align_corners=False``, which is exactly the Deformable-DETR kernel's semantics (pixel centres
 on integers, neighbours outside the map contribute 0). Works on CPU and GPU, in float32 and
 bfloat16, with gradients.
+
+Under bfloat16 (autocast or a bfloat16 module) the sampling offsets, the locations, the grid and the
+sampling itself stay float32: a bfloat16 coordinate near 1 has a step of 2^-8, a quarter of a
+pixel of a 64-wide level, which would move every sample. Values and projections may be bfloat16.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ def ms_deform_attn_core(
         value_map = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, height, width)
         # (B, Lq, M, P, 2) -> (B*M, Lq, P, 2)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sample = F.grid_sample(value_map, grid.to(value_map.dtype), mode="bilinear", padding_mode="zeros",
+        # Sampled in float32 at least (a bfloat16 grid would round the coordinates).
+        dtype = torch.promote_types(value_map.dtype, torch.float32)
+        sample = F.grid_sample(value_map.to(dtype), grid.to(dtype), mode="bilinear", padding_mode="zeros",
                                align_corners=False)
         sampled.append(sample)  # (B*M, D, Lq, P)
     # (B, Lq, M, L, P) -> (B*M, 1, Lq, L*P)
@@ -96,6 +102,9 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, value_dim)
         self.output_proj = nn.Linear(value_dim, d_model)
+        # (W_l, H_l) per level, by (spatial shapes, device): made once, not at every forward (a
+        # host-to-device copy per call would block the host and break CUDA-graph capture).
+        self._normalizers: dict[tuple, Tensor] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -133,12 +142,20 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"values have {values.shape[1]} tokens, spatial shapes {list(spatial_shapes)} need "
                              f"{sum(h * w for h, w in spatial_shapes)}")
         value = self.value_proj(values).view(batch, values.shape[1], self.n_heads, -1)
-        offsets = self.sampling_offsets(query).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        with torch.autocast(query.device.type, enabled=False):  # offsets and locations in float32 (see module doc)
+            offsets = F.linear(query.float(), self.sampling_offsets.weight.float(), self.sampling_offsets.bias.float())
+        offsets = offsets.view(batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        weights = weights.float().softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
         # Offsets are in pixels of each level: divide by (W_l, H_l).
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], device=query.device, dtype=offsets.dtype)
+        normalizer = self._normalizer(spatial_shapes, query.device)
         ref = reference_points if reference_points.dim() == 3 else reference_points.unsqueeze(0)
-        locations = ref[:, :, None, None, None, :].to(offsets.dtype) + offsets / normalizer[None, None, None, :, None, :]
+        locations = ref[:, :, None, None, None, :].float() + offsets / normalizer[None, None, None, :, None, :]
         output = ms_deform_attn_core(value, spatial_shapes, locations, weights)
-        return self.output_proj(output)
+        return self.output_proj(output.to(value.dtype))
+
+    def _normalizer(self, spatial_shapes: Sequence[tuple[int, int]], device: torch.device) -> Tensor:
+        key = (tuple((int(h), int(w)) for h, w in spatial_shapes), device)
+        if key not in self._normalizers:
+            self._normalizers[key] = torch.tensor([[w, h] for h, w in key[0]], dtype=torch.float32, device=device)
+        return self._normalizers[key]

@@ -69,3 +69,17 @@ def resolve_device(device: str = "auto", gpu: int = 0) -> torch.device:
     if not 0 <= index < torch.cuda.device_count():
         raise InputError(f"{flag}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+def prepare_device(device: torch.device, benchmark: bool = True) -> None:
+    """Make a CUDA ``device`` the current one and let cuDNN pick its fastest kernels; no-op on the CPU.
+
+    Under torchrun each rank then allocates on its own GPU (``LOCAL_RANK``) even where a library
+    uses the current device, and cuDNN benchmarks once per input shape, which pays with fixed-size
+    chips. ``benchmark=False`` keeps cuDNN's deterministic choice.
+    """
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = benchmark

@@ -28,6 +28,7 @@ class DistributedContext:
         self.is_main = self.rank == 0
         self.device = resolve_device(device, local_rank if self.world_size > 1 else gpu)
         self._owns_group = False
+        self._flags: dist.ProcessGroup | None = None  # host-side group for per-step flags (under NCCL)
 
     @property
     def distributed(self) -> bool:
@@ -41,9 +42,16 @@ class DistributedContext:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=60))
             self._owns_group = True
+        if self.distributed and dist.get_backend() != "gloo":
+            # Per-step flags go through gloo on the host: an NCCL all-reduce read back with .item()
+            # makes the host wait for the GPU at every step, so loading stops overlapping compute.
+            self._flags = dist.new_group(backend="gloo")
 
     def close(self) -> None:
         """Destroy the process group if :meth:`start` created it."""
+        if self._flags is not None and not self._owns_group and dist.is_initialized():
+            dist.destroy_process_group(self._flags)
+        self._flags = None
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
@@ -61,11 +69,13 @@ class DistributedContext:
         return [item for part in gathered for item in part]
 
     def all_have_batch(self, has_batch: bool, error: str | None) -> bool:
-        """True while every rank has a batch; raises on every rank when one met bad input."""
+        """True while every rank has a batch; raises on every rank when one met bad input.
+
+        A host tensor on a gloo group: it never waits for the device's queued work."""
         state = -1 if error else int(has_batch)
         if self.distributed:
-            flag = torch.tensor([state], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            flag = torch.tensor([state])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._flags)
             state = int(flag.item())
         if state < 0:
             raise InputError(error or "another rank stopped on bad input (see its error above)")
@@ -87,11 +97,13 @@ class DistributedContext:
         """DistributedDataParallel (with SyncBatchNorm on CUDA) when distributed, else ``model``.
 
         SyncBatchNorm needs CUDA; on the CPU (gloo) BatchNorm statistics stay per rank, and rank 0's
-        buffers are broadcast at every forward and at the end of every epoch.
+        buffers are broadcast at every forward and at the end of every epoch. On CUDA SyncBatchNorm
+        already keeps them equal, so the per-forward broadcast is left out.
         """
         if not self.distributed:
             return model
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None,
+                                                         broadcast_buffers=not cuda)

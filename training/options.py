@@ -119,7 +119,8 @@ class TrainOptions(DeviceOptions, TileListOptions):
     resume: str | None = option(None, "continue from a training checkpoint (OUT_DIR/last.pth) with the same "
                                       "settings; a larger --max_epochs extends the run", group="run")
     overwrite: bool = option(False, "start afresh in an OUT_DIR that holds a run", group="run")
-    deterministic: bool = option(False, "deterministic algorithms, cuDNN benchmark off (slower; published: off)",
+    deterministic: bool = option(False, "deterministic kernels where PyTorch has them, cuDNN benchmark off (slower; "
+                                 "on CUDA still not bit-exact, see docs/training.md; published: off)",
                                  group="run")
     log_interval: int = option(10, "steps between TensorBoard points and progress-bar updates", group="run",
                                check=at_least(1))

@@ -169,6 +169,22 @@ def test_shard_option_composes_with_torchrun(crops, tiny_checkpoint, tmp_path, c
     assert set(glob.glob(str(tmp_path / "*.tif"))) == {str(tmp_path / output_name(tiles[i])) for i in (1, 2)}
 
 
+def test_mapping_makes_the_rank_gpu_current_with_cudnn_benchmark(crops, tiny_checkpoint, tmp_path, capsys,
+                                                                 monkeypatch):
+    import mapping.run
+    import runtime.device
+
+    prepared = []
+    monkeypatch.setattr(mapping.run, "prepare_device", prepared.append)
+    run(TEST_PY, ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", tmp_path, *FAST], capsys)
+    assert prepared == [torch.device("cpu")]
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    runtime.device.prepare_device(torch.device("cuda", 1))
+    assert current == [torch.device("cuda", 1)] and torch.backends.cudnn.benchmark
+
+
 # --- bad input: one line naming the file, exit 2, nothing partial left ---------------------------
 
 

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -19,7 +20,14 @@ import torch
 from dataset import load_dataset
 from dataset.errors import InputError
 from dataset.raster_io import normalize
-from mapping.sliding_window import center_kernel, chip_offsets, iter_probability_strips
+from mapping.sliding_window import (
+    BandNormaliser,
+    _one_thread,
+    center_kernel,
+    chip_offsets,
+    iter_class_strips,
+    iter_probability_strips,
+)
 from mapping.writer import map_tile, output_name, probs_name
 from tests.helpers import GEOREF_DIR, write_geotiff
 
@@ -221,6 +229,107 @@ def test_read_error_in_read_ahead_thread_is_raised():
 
     with pytest.raises(InputError, match="boom"):
         list(iter_probability_strips(TwoConv().eval(), read_rows, 200, 40, chip_size=32, stride=16, prefetch=2))
+
+
+# --- the device pipeline: normalisation, uint8 outputs, threads --------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_normalisation_on_the_device_is_bit_identical_to_the_host(sample_ds, dtype):
+    """uint8 goes through the lookup table, the rest through float64: both equal normalize()."""
+    high = 256 if dtype == np.uint8 else 4000
+    raw = np.random.default_rng(4).integers(0, high, size=(4, 30, 50)).astype(dtype)
+    got = BandNormaliser(sample_ds.mean, sample_ds.std, torch.device("cpu"))(torch.from_numpy(raw))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), normalize(raw, sample_ds.mean, sample_ds.std))
+
+
+class Ties(torch.nn.Module):
+    """Classes 1 and 3 always get the same logits: argmax must pick the first, as np.argmax."""
+
+    def forward(self, x):
+        vit = torch.stack([x[:, 0], x[:, 1], x[:, 2], x[:, 1], x[:, 3] - 9], dim=1)
+        return vit, vit.clone()
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("net", [TwoConv, Ties])
+def test_class_strips_equal_argmax_and_rint_of_the_blended_probabilities(net, prefetch):
+    model = net().eval()
+    image = np.random.default_rng(5).normal(size=(4, 90, 70)).astype(np.float32)
+    expected = whole_tile_oracle(model, image, 32, 16)
+    strips = list(iter_class_strips(model, lambda r0, r1: image[:, r0:r1], 90, 70, chip_size=32, stride=16,
+                                    batch_size=1, prefetch=prefetch, probabilities=True))
+    assert [s.row for s in strips] == sorted(s.row for s in strips) and {s.num_classes for s in strips} == {5}
+    classes = np.concatenate([s.classes for s in strips], axis=0)
+    assert classes.dtype == np.uint8
+    np.testing.assert_array_equal(classes, expected.argmax(0))
+    np.testing.assert_array_equal(np.concatenate([s.probs for s in strips], axis=1), np.rint(expected * 255))
+    if net is Ties:
+        assert not (classes == 3).any() and (classes == 1).any()
+
+
+class Cached(torch.nn.Module):
+    """Returns the same output tensors at every call (as a model with cached outputs might)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit, self.cnn = torch.randn(4, 5, 32, 32), torch.randn(4, 5, 32, 32)
+
+    def forward(self, x):
+        return self.vit[:len(x)], self.cnn[:len(x)]
+
+
+def test_the_model_outputs_are_not_modified():
+    model = Cached()
+    vit, cnn = model.vit.clone(), model.cnn.clone()
+    image = np.zeros((4, 64, 64), dtype=np.float32)
+    list(iter_class_strips(model, lambda r0, r1: image[:, r0:r1], 64, 64, chip_size=32, stride=16, batch_size=4))
+    assert torch.equal(model.vit, vit) and torch.equal(model.cnn, cnn)
+
+
+def test_pipeline_work_runs_on_one_cpu_thread_and_restores_the_setting():
+    seen = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _one_thread(lambda: seen.append(torch.get_num_threads()))()
+        assert seen == [1] and torch.get_num_threads() == 2
+        image = np.zeros((4, 64, 64), dtype=np.float32)
+        model = TwoConv().eval()
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        list(iter_class_strips(model, lambda r0, r1: image[:, r0:r1], 64, 64, chip_size=32, stride=16))
+        assert set(seen[1:]) == {2}, "the model keeps torch's thread setting"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_closing_early_stops_the_reading_and_computing_threads():
+    image = np.zeros((4, 400, 40), dtype=np.float32)
+    before = threading.active_count()
+    strips = iter_class_strips(TwoConv().eval(), lambda r0, r1: image[:, r0:r1], 400, 40, chip_size=32, stride=16,
+                               prefetch=2)
+    next(strips)
+    assert threading.active_count() == before + 2
+    strips.close()
+    assert threading.active_count() == before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_class_map_agrees_with_the_cpu(sample_ds, amp):
+    """Same stand-in model on CUDA: identical map in float32 up to TF32 near-ties; bf16 close."""
+    model = TwoConv().eval()
+    raw = np.random.default_rng(6).integers(0, 256, size=(4, 150, 170), dtype=np.uint8)
+
+    def classes(device):
+        strips = iter_class_strips(model.to(device), lambda r0, r1: raw[:, r0:r1], 150, 170, mean=sample_ds.mean,
+                                   std=sample_ds.std, chip_size=64, stride=32, device=device, amp=amp, prefetch=2)
+        return np.concatenate([s.classes for s in strips])
+
+    agreement = (classes("cuda") == classes("cpu")).mean()
+    assert agreement > (0.99 if amp else 0.9999)
 
 
 # --- GeoTIFF output on real georeferenced rasters --------------------------------------------

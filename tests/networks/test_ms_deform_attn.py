@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import networks.ms_deform_attn as ms_deform_attn_module
 from networks.ms_deform_attn import MSDeformAttn, level_reference_points, ms_deform_attn_core
 
 SHAPES = [(4, 5), (2, 3), (3, 1)]  # non-square levels, one of width 1
@@ -17,17 +19,17 @@ def loop_reference(value, shapes, locations, weights):
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)
-    out = torch.zeros(batch, queries, heads * dim, dtype=value.dtype)
+    out = torch.zeros(batch, queries, heads * dim, dtype=value.dtype, device=value.device)
     for b in range(batch):
         for q in range(queries):
             for m in range(heads):
-                acc = torch.zeros(dim, dtype=value.dtype)
+                acc = torch.zeros(dim, dtype=value.dtype, device=value.device)
                 for lvl, (height, width) in enumerate(shapes):
                     for p in range(points):
                         x = locations[b, q, m, lvl, p, 0].item() * width - 0.5
                         y = locations[b, q, m, lvl, p, 1].item() * height - 0.5
                         x0, y0 = math.floor(x), math.floor(y)
-                        sample = torch.zeros(dim, dtype=value.dtype)
+                        sample = torch.zeros(dim, dtype=value.dtype, device=value.device)
                         for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
                             for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
                                 if 0 <= yy < height and 0 <= xx < width:
@@ -54,6 +56,15 @@ def test_core_matches_loop_reference():
     slow = loop_reference(value, SHAPES, locations, weights)
     assert fast.shape == slow.shape == (2, 5, 6)
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.cuda
+def test_core_matches_loop_reference_on_cuda():
+    """The same check with CUDA inputs (the loop reference follows its inputs' device)."""
+    value, locations, weights = (t.cuda() for t in random_inputs())
+    fast = ms_deform_attn_core(value, SHAPES, locations, weights)
+    assert fast.is_cuda
+    torch.testing.assert_close(fast, loop_reference(value, SHAPES, locations, weights), atol=1e-12, rtol=1e-10)
 
 
 def test_core_points_outside_contribute_zero():
@@ -115,3 +126,64 @@ def test_reference_points_are_pixel_centres():
 def test_value_width_must_divide_by_heads():
     with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=10, n_heads=3)
+
+
+def _random_module(d_model=12, heads=2, points=3):
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=d_model, n_levels=3, n_heads=heads, n_points=points)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    tokens = sum(h * w for h, w in SHAPES)
+    return attn, torch.randn(2, tokens, d_model), torch.randn(2, tokens, d_model), level_reference_points(SHAPES)
+
+
+def test_sampling_stays_float32_under_bfloat16(monkeypatch):
+    """Autocast (here the CPU's) or a bfloat16 module: offsets, grid and sampling in float32."""
+    seen = []
+    real = F.grid_sample
+
+    def spy(value, grid, *args, **kwargs):
+        seen.append((value.dtype, grid.dtype))
+        return real(value, grid, *args, **kwargs)
+
+    monkeypatch.setattr(F, "grid_sample", spy)
+    attn, query, values, ref = _random_module()
+    expected = attn(query, ref, values, SHAPES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_out = attn(query, ref, values, SHAPES)
+    bf16_out = attn.to(torch.bfloat16)(query.bfloat16(), ref, values.bfloat16(), SHAPES)
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert bf16_out.dtype == torch.bfloat16
+    for out in (autocast_out, bf16_out):
+        assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_offsets_are_float32_under_autocast(monkeypatch):
+    """The sampling-offset projection runs in float32 even when autocast makes Linear bfloat16."""
+    attn, query, values, ref = _random_module()
+    captured = {}
+
+    def spy(value, shapes, locations, weights):
+        captured["locations"], captured["weights"] = locations, weights
+        return ms_deform_attn_core(value, shapes, locations, weights)
+
+    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn_core", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(query, ref, values, SHAPES)
+    offsets = attn.sampling_offsets(query).view(2, -1, 2, 3, 3, 2)
+    norm = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float32)
+    exact = ref[None, :, None, None, None] + offsets / norm[None, None, None, :, None]
+    assert captured["locations"].dtype == captured["weights"].dtype == torch.float32
+    torch.testing.assert_close(captured["locations"], exact, atol=1e-6, rtol=0)
+
+
+def test_level_normaliser_is_made_once(monkeypatch):
+    """No host-to-device tensor per forward: the (W, H) table is built at the first call only."""
+    attn, query, values, ref = _random_module()
+    first = attn(query, ref, values, SHAPES)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    again = attn(query, ref, values, SHAPES)
+    assert made == [] and torch.equal(first, again)

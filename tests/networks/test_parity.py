@@ -63,6 +63,25 @@ def test_parity_with_the_published_model(model):
     assert vit_diff <= VIT_TOLERANCE and cnn_diff <= CNN_TOLERANCE, (vit_diff, cnn_diff)
 
 
+#: On CUDA, TF32 convolutions (PyTorch's default on Ampere and later) and other kernels move the
+#: logits by about 1e-3; float32 CPU parity is the tests above.
+GPU_TOLERANCE = 2e-3
+
+
+@pytest.mark.cuda
+def test_parity_on_gpu(model):
+    fixture = np.load(FIXTURE_NPZ)
+    try:
+        with torch.no_grad():
+            vit, cnn = model.cuda()(torch.from_numpy(fixture["input"]).cuda())
+    finally:
+        model.cpu()
+    vit_diff = (vit.cpu() - torch.from_numpy(fixture["vit_logits"])).abs().max().item()
+    cnn_diff = (cnn.cpu() - torch.from_numpy(fixture["cnn_logits"])).abs().max().item()
+    print(f"GPU parity: vit {vit_diff:.2e}, cnn {cnn_diff:.2e}")
+    assert vit_diff <= GPU_TOLERANCE and cnn_diff <= GPU_TOLERANCE, (vit_diff, cnn_diff)
+
+
 def test_parameter_counts(model, published):
     total = sum(p.numel() for p in model.parameters())
     assert total == 97_071_258

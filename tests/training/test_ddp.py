@@ -58,3 +58,42 @@ def test_two_ranks_share_the_tiles_and_agree_on_the_weights(tmp_path):
         assert torch.equal(value, ranks[0]["state"][key]), key
     assert sorted(glob.glob("*", root_dir=out_dir)) == ["epoch_0.pth", "epoch_1.pth", "last.pth", "run_config.json",
                                                         "tensorboard", "train.log"]
+
+
+def _two_rank_context(monkeypatch, device: str):
+    """Rank 0 of 2 whose device claims to be ``device`` (nothing is allocated there)."""
+    from training.distributed import DistributedContext
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ctx = DistributedContext("cpu", 0)
+    ctx.device = torch.device(device)
+    return ctx
+
+
+def test_per_step_flag_is_a_host_tensor_even_on_cuda(monkeypatch):
+    """A CUDA flag read back with .item() would make the host wait for the GPU at every step."""
+    import torch.distributed as dist
+
+    ctx = _two_rank_context(monkeypatch, "cuda:0")
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: reduced.append(tensor.device))
+    assert ctx.all_have_batch(True, None)
+    assert reduced == [torch.device("cpu")]
+
+
+def test_ddp_leaves_out_the_buffer_broadcast_only_with_sync_batchnorm(monkeypatch):
+    captured = {}
+
+    def fake_ddp(model, **kwargs):
+        captured["kwargs"], captured["model"] = kwargs, model
+        return model
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", fake_ddp)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    _two_rank_context(monkeypatch, "cuda:0").wrap(net)
+    assert captured["kwargs"] == {"device_ids": [0], "broadcast_buffers": False}
+    assert isinstance(captured["model"][1], torch.nn.SyncBatchNorm)
+    _two_rank_context(monkeypatch, "cpu").wrap(net)
+    assert captured["kwargs"] == {"device_ids": None, "broadcast_buffers": True}

@@ -7,22 +7,27 @@ memory), then maps it with :func:`mapping.writer.map_tile` and reports, per size
 * ``peak_rss``: the process's peak resident memory during mapping (Linux ``VmHWM``, reset before
   each run through ``/proc/self/clear_refs``; falls back to ``ru_maxrss``);
 * ``numpy_peak``: peak of memory allocated through Python and NumPy (``tracemalloc``);
+* ``cpu_ms/chip``: process CPU time (all threads) per chip, steadier than seconds on a busy machine;
 * the memory the published whole-tile approach would need for comparison: the tile as float32
   plus a 17-channel float32 accumulator and its counts (docs/design.md §10, defects 4-5).
 
-``--model stub`` replaces the network by two 1x1 convolutions, so the run measures tiling,
-stitching and I/O alone, fast enough for a 10,000 x 10,000 tile on a laptop CPU; ``--model tiny``
-uses the tiny VCNet and ``--checkpoint`` a real one.
+``--model null`` returns fixed logits at no cost, so the run measures the pipeline alone (reading,
+normalisation, softmax, blending, argmax, writing): its ceiling. ``--model stub`` replaces the
+network by two 1x1 convolutions, fast enough for a 10,000 x 10,000 tile on a laptop CPU;
+``--model tiny`` uses the tiny VCNet and ``--checkpoint`` a real one. ``km2/s`` counts the test
+tile's 1 m pixels.
 
 Example::
 
     python tools/benchmark.py mapping --size 2000 --size 10000 --model stub
+    python tools/benchmark.py mapping --size 3000 --model null --repeats 3   # the pipeline's own ceiling
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import resource
 import tempfile
@@ -35,7 +40,7 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from dataset.options import add_options, option
+from dataset.options import add_options, at_least, option
 from mapping.options import SlidingWindowOptions
 
 MB = 1 << 20
@@ -47,11 +52,16 @@ class MappingBenchmarkOptions(SlidingWindowOptions):
 
     size: list[int] = option(default_factory=lambda: [10000], group="benchmark",
                              help="side(s) of the square test tile in pixels (default: 10000)")
-    model: str = option("stub", "stub: two 1x1 convolutions (I/O and stitching only); tiny: the tiny VCNet",
-                        choices=("stub", "tiny"), group="benchmark")
+    model: str = option("stub", "null: fixed logits at no cost (the pipeline's own ceiling); stub: two 1x1 "
+                        "convolutions; tiny / vcnet: the tiny / published-size VCNet, random weights",
+                        choices=("null", "stub", "tiny", "vcnet"), group="benchmark")
     checkpoint: str | None = option(None, "map with this checkpoint instead of --model", group="benchmark")
     device: str = option("cpu", "cpu, cuda or cuda:N", group="benchmark")
+    amp: bool = option(False, "bfloat16 autocast of the model (CUDA only)", group="benchmark")
     save_probs: bool = option(False, "also write the probability raster", group="benchmark")
+    repeats: int = option(1, "timed runs per size; the fastest is reported (memory: the first)", group="benchmark",
+                          check=at_least(1))
+    json: str | None = option(None, "also write the results to this JSON file", group="benchmark")
     workdir: str | None = option(None, "where to write the tiles", group="benchmark",
                                  none_means="a temporary folder")
 
@@ -71,6 +81,27 @@ class _Stub(torch.nn.Module):
 
     def forward(self, x):
         return self.vit(x), self.cnn(x)
+
+
+class _Null(torch.nn.Module):
+    """The same fixed (vit, cnn) logits for every chip: a network that costs nothing, so the run
+    measures reading, normalisation, softmax, blending, argmax and writing alone. The logits vary
+    smoothly over the chip (bilinear from a 4 x 4 grid), so the map compresses like a real one."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+        self.register_buffer("anchor", torch.zeros(()))  # gives the model a device
+        self.outputs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, x):
+        shape = (x.shape[0], self.classes, *x.shape[2:])
+        if shape not in self.outputs:
+            generator = torch.Generator().manual_seed(0)
+            coarse = torch.randn(2, 1, self.classes, 4, 4, generator=generator).expand(2, shape[0], -1, -1, -1)
+            fine = torch.nn.functional.interpolate(coarse.flatten(0, 1), size=shape[2:], mode="bilinear")
+            self.outputs[shape] = tuple(fine.view(2, *shape).to(x.device).unbind(0))
+        return self.outputs[shape]
 
 
 def _status_kb(field: str) -> int | None:
@@ -113,11 +144,13 @@ def _model(args, dataset_name: str = "sample"):
         model = load_model(args.checkpoint, device=args.device)
         return model, model.dataset
     dataset = load_dataset(dataset_name)
-    if args.model == "tiny":
-        from networks import build_model, get_tiny_config
+    if args.model in ("tiny", "vcnet"):
+        from networks import build_model, get_config
 
         torch.manual_seed(0)
-        return build_model(get_tiny_config()).eval().to(args.device), dataset
+        return build_model(get_config(args.model)).eval().to(args.device), dataset
+    if args.model == "null":
+        return _Null(dataset.num_classes).eval().to(args.device), dataset
     return _Stub(dataset.num_bands, dataset.num_classes).eval().to(args.device), dataset
 
 
@@ -130,14 +163,18 @@ def run(args: argparse.Namespace) -> int:
     args = MappingBenchmarkOptions(**{k: v for k, v in vars(args).items() if k in fields})
     args.check()
     sizes = args.size
+    from runtime.device import prepare_device
+
+    prepare_device(torch.device(args.device))
     model, dataset = _model(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="vcnet_mapping_bench_")
     os.makedirs(workdir, exist_ok=True)
     print(f"model {args.checkpoint or args.model}, chip {args.chip_size}, stride {args.stride}, "
           f"batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}")
-    header = (f"{'tile':>13} {'chips':>7} {'seconds':>8} {'chips/s':>8} {'rss_before':>11} {'peak_rss':>9} "
-              f"{'peak-before':>12} {'numpy_peak':>11} {'published':>10}")
+    header = (f"{'tile':>13} {'chips':>7} {'seconds':>8} {'chips/s':>8} {'km2/s':>7} {'rss_before':>11} "
+              f"{'peak_rss':>9} {'peak-before':>12} {'numpy_peak':>11} {'published':>10}")
     print(header)
+    results = []
     for size in sizes:
         image = os.path.join(workdir, f"bench_{size}_naip.tif")
         out = os.path.join(workdir, f"bench_{size}_predictions.tif")
@@ -145,26 +182,45 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(image):
             _write_tile(image, size, dataset.num_bands)
         chips = len(chip_offsets(size, args.chip_size, args.stride)) ** 2
-        exact = _reset_peak()
-        before = _status_kb("VmRSS") or 0
-        tracemalloc.start()
-        start = time.perf_counter()
-        map_tile(model, image, out, dataset=dataset, chip_size=args.chip_size, stride=args.stride,
-                 batch_size=args.batch_size, device=args.device, overwrite=True, probs_path=probs,
-                 num_workers=args.num_workers)
-        seconds = time.perf_counter() - start
-        _, numpy_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        peak = _status_kb("VmHWM") if exact else None
-        if peak is None:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times, cpu_times = [], []
+        for attempt in range(args.repeats):
+            if attempt == 0:
+                exact = _reset_peak()
+                before = _status_kb("VmRSS") or 0
+                tracemalloc.start()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            map_tile(model, image, out, dataset=dataset, chip_size=args.chip_size, stride=args.stride,
+                     batch_size=args.batch_size, device=args.device, amp=args.amp, overwrite=True, probs_path=probs,
+                     num_workers=args.num_workers)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            if attempt == 0:
+                _, numpy_peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+                peak = _status_kb("VmHWM") if exact else None
+                if peak is None:
+                    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        seconds = min(times)
+        km2 = size * size * 1e-6  # the test tile has 1 m pixels
         published = (dataset.num_bands + 17 + 1) * 4 * size * size
-        print(f"{size:>6}x{size:<6} {chips:>7} {seconds:>8.1f} {chips / seconds:>8.1f} {before / 1024:>9.0f}MB "
-              f"{peak / 1024:>7.0f}MB {(peak - before) / 1024:>10.0f}MB {numpy_peak / MB:>9.0f}MB "
-              f"{published / MB:>8.0f}MB")
+        print(f"{size:>6}x{size:<6} {chips:>7} {seconds:>8.2f} {chips / seconds:>8.1f} {km2 / seconds:>7.2f} "
+              f"{1000 * min(cpu_times) / chips:>11.2f} "
+              f"{before / 1024:>9.0f}MB {peak / 1024:>7.0f}MB {(peak - before) / 1024:>10.0f}MB "
+              f"{numpy_peak / MB:>9.0f}MB {published / MB:>8.0f}MB")
+        results.append({"size": size, "chips": chips, "seconds": [round(t, 3) for t in times],
+                        "chips_per_s": round(chips / seconds, 1), "km2_per_s": round(km2 / seconds, 3),
+                        "cpu_ms_per_chip": round(1000 * min(cpu_times) / chips, 3),
+                        "peak_rss_minus_before_mib": round((peak - before) / 1024)})
         for path in (image, out, probs):
             if path and not args.workdir and os.path.exists(path):
                 os.remove(path)
+    if args.json:
+        device = torch.device(args.device)
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"model": args.checkpoint or args.model, "chip_size": args.chip_size, "stride": args.stride,
+                       "batch_size": args.batch_size, "num_workers": args.num_workers, "amp_bf16": args.amp,
+                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                       "torch_threads": torch.get_num_threads(), "results": results}, fh, indent=2)
     if not exact:
         print("note: peak_rss is the process lifetime peak (ru_maxrss); /proc/self/clear_refs was not writable")
     return 0
