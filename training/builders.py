@@ -186,7 +186,8 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
         return None
     if not dataset.lr_mixes:
         raise InputError(f"--refine_labels local: dataset {dataset.name!r} gives no lr_mixes (the classes each LR "
-                         "code may hold; see docs/training.md)")
+                         "code may hold; see docs/training.md); --recipe robust turns it on, --refine_labels none "
+                         "turns it off")
     allowed = dataset.mix_table(with_mixes=True) > 0
     if resume_from is not None and "label_model" in resume_from:
         model = LocalLabelModel(dataset.num_bands, dataset.num_classes)

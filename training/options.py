@@ -32,7 +32,7 @@ RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
                   "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none"},
     "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
-               "class_balance": 0.5, "optimizer": "sgd", "refine_labels": "none"},
+               "class_balance": 0.5, "optimizer": "sgd", "refine_labels": "local"},
 }
 
 

@@ -34,8 +34,9 @@ HIDDEN = 32
 FIT_STEPS = 300
 FIT_BATCH = 8192
 FIT_LR = 1e-2
-#: Pixels drawn from each sampled chip to fit the classifier.
+#: Pixels drawn from each sampled chip to fit the classifier, and at most this many in all (memory).
 PIXELS_PER_CHIP = 4096
+MAX_FIT_PIXELS = 2_000_000
 
 
 def local_features(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
@@ -77,6 +78,7 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
         share of those pixels whose fitted class is their label's (majority) class.
     """
     generator = torch.Generator().manual_seed(seed)
+    per_chip = max(1, min(PIXELS_PER_CHIP, MAX_FIT_PIXELS // max(1, sum(image.shape[0] for image, _ in chips))))
     features, targets = [], []
     for image, target in chips:
         feats = local_features(image, radius).permute(0, 2, 3, 1).reshape(-1, 3 * image.shape[1])
@@ -84,7 +86,7 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
         soft = soft.reshape(-1, classes)
         soft[:, IGNORE_INDEX] = 0.0
         keep = torch.nonzero(soft.sum(dim=1) > 0).squeeze(1)
-        per_batch = PIXELS_PER_CHIP * image.shape[0]
+        per_batch = per_chip * image.shape[0]
         if len(keep) > per_batch:
             keep = keep[torch.randperm(len(keep), generator=generator)[:per_batch]]
         features.append(feats[keep])

@@ -427,7 +427,9 @@ def test_recipe_presets_fill_only_what_is_not_given():
     assert (published.recipe, published.label_loss, published.entropy_weight, published.augment) == \
         ("published", "hard", 0.0, "none")
     robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
-    assert (robust.label_loss, robust.augment, robust.class_balance) == ("hard", "none", 0.5)
+    assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels) == \
+        ("hard", "none", 0.5, "local")
+    assert published.refine_labels == "none" and published.class_balance == 0.0
     assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
 
 
