@@ -173,21 +173,22 @@ def test_every_runtime_requirement_is_imported_and_recorded():
     from training.run_folder import RECORDED_PACKAGES
 
     imported = set()
-    for folder, _, files in os.walk(REPO_ROOT):
-        if ".git" in folder.split(os.sep):
-            continue
-        imported.update(*(imported_names(os.path.join(folder, name)) for name in files if name.endswith(".py")))
+    for path in _text_files((".py",)):
+        imported.update(imported_names(path))
     requirements = runtime_requirements()
     unused = [name for name in requirements if IMPORT_NAMES.get(name, name) not in imported]
     assert not unused, f"declared in requirements.txt but imported nowhere: {unused}"
     assert sorted(RECORDED_PACKAGES) == sorted(requirements)
 
 
-def _text_files():
+def _text_files(suffixes=(".py", ".md", ".json", ".sh", ".txt", ".toml")):
+    """The project's own files: not hidden folders (.git, CI's .ci-venv), runs, caches, or any
+    virtual environment (a folder holding pyvenv.cfg) a user keeps in the clone."""
     for folder, dirs, files in os.walk(REPO_ROOT):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "__pycache__")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "__pycache__")
+                   and not os.path.isfile(os.path.join(folder, d, "pyvenv.cfg"))]
         for name in files:
-            if name.endswith((".py", ".md", ".json", ".sh", ".txt", ".toml")):
+            if name.endswith(suffixes):
                 yield os.path.join(folder, name)
 
 
