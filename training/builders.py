@@ -25,7 +25,7 @@ from training.distributed import DistributedContext
 from training.logger import RunLogger
 from training.losses import RecipeLoss
 from training.options import TrainOptions
-from training.refine import LabelRefiner, LocalLabelModel, fit_local_model
+from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -176,12 +176,14 @@ def needs_codes(options: TrainOptions) -> bool:
 #: Label refinement is fitted on chips from at most this many tiles, this many chips each.
 REFINE_TILES = 256
 REFINE_CHIPS_PER_TILE = 8
+#: Local models averaged, each fitted on its own chips.
+REFINE_BAGS = 5
 
 
 def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEntry], device: torch.device,
                   log: RunLogger, resume_from: dict[str, Any] | None = None) -> LabelRefiner | None:
-    """``--refine_labels local``: the local-appearance label model, fitted on chips of the training tiles
-    (or the resumed checkpoint's own), or None."""
+    """``--refine_labels local``: the bagged local-appearance label model, fitted on chips of the training
+    tiles (or the resumed checkpoint's own), or None."""
     if options.refine_labels != "local":
         return None
     if not dataset.lr_mixes:
@@ -190,16 +192,32 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
                          "turns it off")
     allowed = dataset.mix_table(with_mixes=True) > 0
     if resume_from is not None and "label_model" in resume_from:
-        model = LocalLabelModel(dataset.num_bands, dataset.num_classes)
+        model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, REFINE_BAGS)
         model.load_state_dict(resume_from["label_model"])
         return LabelRefiner(model, allowed, device)
     rng = np.random.default_rng(options.seed)
-    picked = sorted(rng.choice(len(entries), size=min(len(entries), REFINE_TILES), replace=False).tolist())
-    # Its own seed, so that the fitting chips are not the first epoch's.
+    picked = [entries[i] for i in sorted(rng.choice(len(entries), size=min(len(entries), REFINE_TILES),
+                                                    replace=False).tolist())]
+    members, agreement, pixels = [], 0.0, 0.0
+    for bag in range(REFINE_BAGS):
+        # Each member's own chips (seeds apart from the epochs' chip draws).
+        chips = refine_chips(picked, dataset, options, seed=options.seed + 1 + 1000 * bag)
+        member, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed + bag)
+        members.append(member)
+        agreement, pixels = agreement + stats["agreement"] / REFINE_BAGS, pixels + stats["pixels"]
+    log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets of "
+             f"{pixels:.0f} pixels of {len(picked)} tiles; their class is the LR majority class on "
+             f"{100 * agreement:.1f}% of them")
+    return LabelRefiner(BaggedLabelModel(members), allowed, device)
+
+
+def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
+                 seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(normalised image, target)`` batches of ``REFINE_CHIPS_PER_TILE`` chips per tile, drawn with ``seed``;
+    targets are LR classes, or class mixes with ``--refine_targets mix``."""
     mixes = options.refine_targets == "mix"
-    stream = ChipStream([entries[i] for i in picked], dataset, chip_size=options.chip_size,
-                        chips_per_tile=REFINE_CHIPS_PER_TILE, batch_size=options.batch_size, seed=options.seed + 1,
-                        retries=options.chip_retries, with_codes=mixes)
+    stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=REFINE_CHIPS_PER_TILE,
+                        batch_size=options.batch_size, seed=seed, retries=options.chip_retries, with_codes=mixes)
     stream.set_epoch(0)
     scale, shift = normalization_constants(dataset.mean, dataset.std, torch.device("cpu"))
     mix_table = torch.from_numpy(dataset.mix_table(with_mixes=True))
@@ -212,11 +230,7 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
             chips.append((normalize_on_device(item.image, scale, shift), target))
     if not chips:
         raise InputError("--refine_labels local: no valid training chip to fit the label model on")
-    model, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed)
-    log.info(f"label refinement: local model fitted to the {options.refine_targets} LR targets of "
-             f"{stats['pixels']:.0f} pixels of {len(picked)} tiles; its class is their LR majority class on "
-             f"{100 * stats['agreement']:.1f}% of them")
-    return LabelRefiner(model, allowed, device)
+    return chips
 
 
 def tile_names(entries: list[TileEntry]) -> list[str]:

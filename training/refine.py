@@ -8,9 +8,10 @@ neighbourhood cannot learn the blocks; it learns what each class looks like, and
 mislabelled pixels are a minority of their class's appearance, it outvotes them (class-balanced,
 so that a rare class is not simply absorbed by a common one).
 
-So before the first step a small per-pixel classifier (the pixel's bands and the local mean and
-spread of each band, into a 32-unit hidden layer) is fitted to the LR labels of chips sampled from
-the training tiles. During training each chip's label is replaced by that classifier's argmax
+So before the first step small per-pixel classifiers (the pixel's bands and the local mean and
+spread of each band, into a 32-unit hidden layer) are fitted to the LR labels of chips sampled from
+the training tiles: several, each on its own sample of chips, whose log-probabilities are averaged
+(bagging), because one classifier's choice on the ambiguous pixels varies with the chips it saw. During training each chip's label is replaced by that classifier's argmax
 among the classes its LR code allows (the dataset's ``lr_mixes``: a forest block may hold tree
 canopy and low vegetation, never water), and the network learns from the refined labels with its
 usual loss. No-data pixels stay ignored. The classifier is fitted on the CPU from the run's seed,
@@ -119,10 +120,26 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
     return model, {"pixels": float(len(y)), "agreement": agreement}
 
 
+class BaggedLabelModel(nn.Module):
+    """The mean log-probabilities of several :class:`LocalLabelModel` (each fitted on its own chips)."""
+
+    def __init__(self, members: Sequence[LocalLabelModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @classmethod
+    def empty(cls, bands: int, classes: int, count: int) -> BaggedLabelModel:
+        """``count`` unfitted members, to load a checkpoint's state into."""
+        return cls([LocalLabelModel(bands, classes) for _ in range(count)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+
+
 class LabelRefiner:
     """Replaces each chip's LR classes by the local model's argmax among the classes its code allows."""
 
-    def __init__(self, model: LocalLabelModel, allowed: np.ndarray, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, allowed: np.ndarray, device: torch.device) -> None:
         """``allowed``: ``(codes, classes)`` bool, the classes each raw LR code may hold."""
         self.model = model.to(device).eval()
         self.allowed = torch.from_numpy(np.asarray(allowed, dtype=bool)).to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.refine import LabelRefiner, fit_local_model, local_features
+from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model, local_features
 
 TREE, GRASS = 2, 3
 
@@ -117,3 +117,16 @@ def test_fitted_to_class_mixes_it_finds_the_roads_of_a_developed_block():
     away[:, 76 - 5:84 + 5] = False
     assert not (refiners["mix"][0][away] == impervious).any()
     assert not (refiners["hard"] == impervious).any()  # the hard labels never say impervious
+
+
+def test_bagged_members_average_their_log_probabilities():
+    image, codes, label, truth = blocky_scene(5)
+    members = [fit_local_model([(image, label)], classes=5, balance=1.0, seed=seed)[0] for seed in (0, 1)]
+    bag = BaggedLabelModel(members)
+    expected = (torch.log_softmax(members[0](image), 1) + torch.log_softmax(members[1](image), 1)) / 2
+    assert torch.allclose(bag(image), expected, atol=1e-6)
+    restored = BaggedLabelModel.empty(4, 5, 2)
+    restored.load_state_dict(bag.state_dict())
+    assert torch.equal(restored(image), bag(image))
+    refined = LabelRefiner(bag, allowed_table(), torch.device("cpu"))(image, codes, label)
+    assert (refined == truth).float().mean() > 0.955

@@ -506,6 +506,7 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
     from training import builders
 
     monkeypatch.setattr(builders, "REFINE_CHIPS_PER_TILE", 2)
+    monkeypatch.setattr(builders, "REFINE_BAGS", 2)
     recipe = dict(refine_labels="local", refine_targets=targets, class_balance=0.5)
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
     assert full.refiner is not None and full.stream.with_codes
@@ -514,7 +515,8 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
     assert full.refiner.changed > 0  # some labels were refined (the sample's forest blocks hold lawns)
     first = str(tmp_path / "a" / "run" / "last_0.pth")
     payload = read_checkpoint(first)
-    assert payload["train_args"]["refine_labels"] == "local" and "label_model" in payload
+    assert payload["train_args"]["refine_labels"] == "local"
+    assert {key.split(".")[1] for key in payload["label_model"]} == {"0", "1"}  # two bagged members
     resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first, **recipe))
     for saved, restored in zip(payload["label_model"].values(), resumed.refiner.model.state_dict().values()):
         assert torch.equal(saved, restored)
