@@ -7,6 +7,7 @@ that names the file or option.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -202,7 +203,12 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
     for bag in range(REFINE_BAGS):
         # Each member's own chips (seeds apart from the epochs' chip draws).
         chips = refine_chips(picked, dataset, options, seed=options.seed + 1 + 1000 * bag)
-        member, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed + bag)
+        try:
+            member, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed + bag,
+                                            chip_count=len(picked) * REFINE_CHIPS_PER_TILE)
+        except ValueError:
+            raise InputError("--refine_labels local: no labelled pixel in the training chips to fit the label "
+                             "model on") from None
         members.append(member)
         agreement, pixels = agreement + stats["agreement"] / REFINE_BAGS, pixels + stats["pixels"]
     log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets of "
@@ -212,25 +218,21 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
 
 
 def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
-                 seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(normalised image, target)`` batches of ``REFINE_CHIPS_PER_TILE`` chips per tile, drawn with ``seed``;
-    targets are LR classes, or class mixes with ``--refine_targets mix``."""
+                 seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(normalised image, target)`` batches of ``REFINE_CHIPS_PER_TILE`` chips per tile, drawn with ``seed``,
+    one batch at a time; targets are LR classes, or class mixes with ``--refine_targets mix``."""
     mixes = options.refine_targets == "mix"
     stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=REFINE_CHIPS_PER_TILE,
                         batch_size=options.batch_size, seed=seed, retries=options.chip_retries, with_codes=mixes)
     stream.set_epoch(0)
     scale, shift = normalization_constants(dataset.mean, dataset.std, torch.device("cpu"))
     mix_table = torch.from_numpy(dataset.mix_table(with_mixes=True))
-    chips = []
     for item in stream:
         if isinstance(item, StreamError):
             raise InputError(item.message)
         if isinstance(item, ChipBatch):
             target = mix_table[item.codes.long()] if mixes else item.label.long()
-            chips.append((normalize_on_device(item.image, scale, shift), target))
-    if not chips:
-        raise InputError("--refine_labels local: no valid training chip to fit the label model on")
-    return chips
+            yield normalize_on_device(item.image, scale, shift), target
 
 
 def tile_names(entries: list[TileEntry]) -> list[str]:

@@ -20,7 +20,7 @@ so every rank, and a resumed run, gets the same one; it is stored in the checkpo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -62,8 +62,8 @@ class LocalLabelModel(nn.Module):
         return self.net(local_features(x, self.radius))
 
 
-def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes: int, balance: float, seed: int,
-                    radius: int = RADIUS) -> tuple[LocalLabelModel, dict[str, float]]:
+def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int, balance: float, seed: int,
+                    radius: int = RADIUS, chip_count: int | None = None) -> tuple[LocalLabelModel, dict[str, float]]:
     """Fit :class:`LocalLabelModel` to LR labels, on the CPU, reproducibly from ``seed``.
 
     Args:
@@ -73,13 +73,18 @@ def fit_local_model(chips: Sequence[tuple[torch.Tensor, torch.Tensor]], classes:
         classes: number of classes, no-data class 0 included.
         balance: class weights ``share ** -balance`` (1: every class counts as much in total).
         seed: seed of the pixel draws and of the initialisation.
+        chip_count: how many chips ``chips`` yields at most, so that they can be read one batch at
+            a time (only the drawn pixels' features are kept); None reads them all first to count.
 
     Returns:
         The model (eval mode) and figures for the log: ``pixels`` used and ``agreement``, the
         share of those pixels whose fitted class is their label's (majority) class.
     """
     generator = torch.Generator().manual_seed(seed)
-    per_chip = max(1, min(PIXELS_PER_CHIP, MAX_FIT_PIXELS // max(1, sum(image.shape[0] for image, _ in chips))))
+    if chip_count is None:
+        chips = list(chips)
+        chip_count = sum(image.shape[0] for image, _ in chips)
+    per_chip = max(1, min(PIXELS_PER_CHIP, MAX_FIT_PIXELS // max(1, chip_count)))
     features, targets = [], []
     for image, target in chips:
         feats = local_features(image, radius).permute(0, 2, 3, 1).reshape(-1, 3 * image.shape[1])
