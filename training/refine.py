@@ -107,7 +107,7 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LocalLabelModel(x.shape[1] // 3, classes, radius)
-    head = nn.Sequential(*[layer for layer in model.net])  # the same modules, on (N, F, 1, 1) inputs
+    head = model.net  # the per-pixel layers, applied to drawn pixels as (N, F, 1, 1) inputs
     optimizer = torch.optim.Adam(model.parameters(), lr=FIT_LR)
     for _ in range(FIT_STEPS):
         pick = torch.randint(0, len(y), (min(FIT_BATCH, len(y)),), generator=generator)
