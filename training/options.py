@@ -36,6 +36,14 @@ RECIPES = {
 }
 
 
+def value_before_option_existed(name: str) -> object:
+    """What a run trained with before option ``name`` was added: its published-recipe value, else its
+    default. A checkpoint written then has no entry for it; a resumed run compares with this."""
+    if name in RECIPES["published"]:
+        return RECIPES["published"][name]
+    return next(f.default for f in dataclasses.fields(TrainOptions) if f.name == name)
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainOptions(DeviceOptions, TileListOptions):
     """Every setting of a training run."""

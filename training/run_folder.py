@@ -32,7 +32,7 @@ from dataset.errors import InputError
 from dataset.files import FolderLock, atomic_output, check_output_folder, remove_stale_temporaries
 from networks import read_checkpoint, save_checkpoint
 from networks.config import config_to_dict
-from training.options import SCHEDULE_OPTIONS, TrainOptions
+from training.options import SCHEDULE_OPTIONS, TrainOptions, value_before_option_existed
 
 #: Entries a checkpoint must have to continue a run from it.
 TRAINING_STATE = ("optimizer", "epoch", "step", "total_steps", "train_args")
@@ -224,9 +224,10 @@ def read_resume(options: TrainOptions, dataset: DatasetDefinition) -> dict[str, 
         raise InputError(f"--max_epochs {options.max_epochs} is below the checkpoint's {saved['max_epochs']} "
                          f"({options.resume}): a run can be extended, not shortened")
     for name in SCHEDULE_OPTIONS:
-        if name != "max_epochs" and saved.get(name) != getattr(options, name):
+        before = saved.get(name, value_before_option_existed(name))
+        if name != "max_epochs" and before != getattr(options, name):
             raise InputError(f"--{name} {getattr(options, name)!r} differs from the checkpoint's "
-                             f"{saved.get(name)!r} ({options.resume}): resume with the original settings")
+                             f"{before!r} ({options.resume}): resume with the original settings")
     if without_prose(payload["dataset"]) != without_prose(dataset.to_dict()):
         raise InputError(f"{options.resume}: trained for dataset {payload['dataset'].get('name')!r}, "
                          f"not this definition of {dataset.name!r}")

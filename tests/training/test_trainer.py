@@ -156,6 +156,15 @@ def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
     torch.save({k: payload[k] for k in ("format", "version", "model_config", "dataset", "state_dict")}, model_only)
     message = cli_error(capsys, argv[:-2] + ["--resume", model_only])
     assert "not a training checkpoint" in message
+    # a checkpoint from before the recipe options existed trained with their published values
+    older = str(tmp_path / "older.pth")
+    payload = read_checkpoint(last)
+    for name in ("jitter", "gce_q", "refine_labels", "refine_targets", "refine_balance"):
+        del payload["train_args"][name]
+    torch.save(payload, older)
+    assert run_cli(train.main, argv[:-1] + [older]) == 0
+    message = cli_error(capsys, argv[:-2] + ["--jitter", "0.1", "--resume", older])
+    assert "--jitter 0.1 differs from the checkpoint's 0.0" in message
     # the dataset definition: its prose may be edited between runs, its tables may not
     import json
 
