@@ -100,6 +100,9 @@ class LabelTable:
 
 #: Prose fields of a definition: editing them does not change what a model learns or maps.
 PROSE_FIELDS = ("description", "notes", "extra")
+#: Fields added after checkpoints were first written: a resumed run compares them only when its checkpoint
+#: has them (they matter only when a run is started).
+LATER_FIELDS = ("non_vegetated_class",)
 
 
 def without_prose(definition: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,6 +135,9 @@ class DatasetDefinition:
             share per model class, summing to 1), for training recipes that match the predicted
             mix of an LR pixel instead of its majority class (``--label_loss mix``). Written from
             the LR product's own class definitions, never from HR reference data.
+        non_vegetated_class: optional name of the class of pixels without vegetation (impervious
+            surfaces, bare ground), which label refinement may seed from the imagery's NDVI
+            (``--refine_seeds``; needs bands named "red" and "nir").
     """
 
     name: str
@@ -149,6 +155,7 @@ class DatasetDefinition:
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
     lr_mixes: Mapping[int, tuple[float, ...]] | None = None
+    non_vegetated_class: str | None = None
 
     @property
     def num_bands(self) -> int:
@@ -210,6 +217,7 @@ class DatasetDefinition:
             "extra": dict(self.extra),
             **({"lr_mixes": {str(code): {name: share for name, share in zip(self.class_names, mix) if share}
                              for code, mix in sorted(self.lr_mixes.items())}} if self.lr_mixes else {}),
+            **({"non_vegetated_class": self.non_vegetated_class} if self.non_vegetated_class else {}),
         }
 
     @classmethod
@@ -249,6 +257,9 @@ class DatasetDefinition:
             raise InputError(f"{where}: hr_label maps to evaluation classes outside 0..{n_eval - 1}")
         if eval_names and not pred_to_eval and len(eval_names) != len(names):
             raise InputError(f"{where}: 'eval_class_names' differs from 'classes': give 'prediction_to_eval'")
+        non_vegetated = data.get("non_vegetated_class")
+        if non_vegetated is not None and non_vegetated not in names[1:]:
+            raise InputError(f"{where}: 'non_vegetated_class' {non_vegetated!r} is not one of the classes {list(names[1:])}")
         list_root = str(data.get("list_root", "csv"))
         if list_root not in ("csv", "repo"):
             raise InputError(f"{where}: 'list_root' must be 'csv' or 'repo', not {list_root!r}")
@@ -268,6 +279,7 @@ class DatasetDefinition:
             description=str(data.get("description", "")),
             extra=dict(data.get("extra") or {}),
             lr_mixes=_read_mixes(data.get("lr_mixes"), names, lr, where),
+            non_vegetated_class=non_vegetated,
         )
 
 

@@ -26,7 +26,7 @@ from training.distributed import DistributedContext
 from training.logger import RunLogger
 from training.losses import RecipeLoss
 from training.options import TrainOptions
-from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model
+from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model, seed_non_vegetated
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -125,7 +125,8 @@ def optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Opti
 def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEntry], device: torch.device,
          log: RunLogger) -> RecipeLoss:
     """The recipe's loss; ``--label_loss mix`` needs the dataset's ``lr_mixes``; ``--class_balance`` reads
-    the LR label histograms of ``entries``."""
+    the LR label histograms of ``entries`` (each code counted as its mix under ``--label_loss mix`` or
+    ``--refine_labels local``)."""
     mixes = options.label_loss == "mix"
     if mixes and not dataset.lr_mixes:
         raise InputError(f"--label_loss mix: dataset {dataset.name!r} gives no lr_mixes (the class mix of each "
@@ -134,7 +135,10 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
     mix_table = torch.from_numpy(table).to(device) if mixes else None
     weights = None
     if options.class_balance:
-        weights = torch.from_numpy(class_weights(entries, dataset, table, options.class_balance)).to(device)
+        # Refined labels hold the classes of each code's mix (the roads of a developed block), not only
+        # its majority class: their shares come from the mixes, so that no class the labels may hold weighs 0.
+        shares_table = dataset.mix_table(with_mixes=True) if options.refine_labels == "local" else table
+        weights = torch.from_numpy(class_weights(entries, dataset, shares_table, options.class_balance)).to(device)
         log.info(f"class weights (--class_balance {options.class_balance:g}): "
                  + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
     return RecipeLoss(options.label_loss, mix_table=mix_table, mix_cell=options.mix_cell,
@@ -191,6 +195,7 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
         raise InputError(f"--refine_labels local: dataset {dataset.name!r} gives no lr_mixes (the classes each LR "
                          "code may hold; see docs/training.md); --recipe robust turns it on, --refine_labels none "
                          "turns it off")
+    seeding = seeding_plan(options, dataset)
     allowed = dataset.mix_table(with_mixes=True) > 0
     if resume_from is not None and "label_model" in resume_from:
         model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, REFINE_BAGS)
@@ -202,7 +207,7 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
     members, agreement, pixels = [], 0.0, 0.0
     for bag in range(REFINE_BAGS):
         # Each member's own chips (seeds apart from the epochs' chip draws).
-        chips = refine_chips(picked, dataset, options, seed=options.seed + 1 + 1000 * bag)
+        chips = refine_chips(picked, dataset, options, seed=options.seed + 1 + 1000 * bag, seeding=seeding)
         try:
             member, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed + bag,
                                             chip_count=len(picked) * REFINE_CHIPS_PER_TILE)
@@ -211,19 +216,42 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
                              "model on") from None
         members.append(member)
         agreement, pixels = agreement + stats["agreement"] / REFINE_BAGS, pixels + stats["pixels"]
-    log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets of "
-             f"{pixels:.0f} pixels of {len(picked)} tiles; their class is the LR majority class on "
+    seeds = (f" (NDVI-seeded {dataset.non_vegetated_class}: --refine_seeds {options.refine_seeds:g})"
+             if seeding is not None else "")
+    log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets{seeds} of "
+             f"{pixels:.0f} pixels of {len(picked)} tiles; their class is their target class on "
              f"{100 * agreement:.1f}% of them")
     return LabelRefiner(BaggedLabelModel(members), allowed, device)
 
 
-def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
-                 seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def seeding_plan(options: TrainOptions, dataset: DatasetDefinition) -> dict[str, Any] | None:
+    """``--refine_seeds``: the arguments of :func:`training.refine.seed_non_vegetated` (None when off)."""
+    if not options.refine_seeds:
+        return None
+    off = "--refine_seeds 0 turns it off"
+    if options.refine_targets != "hard":
+        raise InputError(f"--refine_seeds seeds hard LR targets, not --refine_targets {options.refine_targets}; {off}")
+    if dataset.non_vegetated_class is None:
+        raise InputError(f"--refine_seeds: dataset {dataset.name!r} names no non_vegetated_class (the class that "
+                         f"NDVI seeds; see docs/training.md); {off}")
+    missing = [band for band in ("red", "nir") if band not in dataset.bands]
+    if missing:
+        raise InputError(f"--refine_seeds: dataset {dataset.name!r} has no {' and no '.join(missing)} band (its bands: "
+                         f"{list(dataset.bands)}), and NDVI needs both; {off}")
+    target = dataset.class_names.index(dataset.non_vegetated_class)
+    shares = torch.from_numpy(dataset.mix_table(with_mixes=True)[:, target] * options.refine_seeds)
+    return {"shares": shares, "red": dataset.bands.index("red"), "nir": dataset.bands.index("nir"), "target": target}
+
+
+def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions, seed: int,
+                 seeding: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(normalised image, target)`` batches of ``REFINE_CHIPS_PER_TILE`` chips per tile, drawn with ``seed``,
-    one batch at a time; targets are LR classes, or class mixes with ``--refine_targets mix``."""
+    one batch at a time; targets are LR classes (NDVI-seeded with ``seeding``, see :func:`seeding_plan`), or
+    class mixes with ``--refine_targets mix``."""
     mixes = options.refine_targets == "mix"
     stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=REFINE_CHIPS_PER_TILE,
-                        batch_size=options.batch_size, seed=seed, retries=options.chip_retries, with_codes=mixes)
+                        batch_size=options.batch_size, seed=seed, retries=options.chip_retries,
+                        with_codes=mixes or seeding is not None)
     stream.set_epoch(0)
     scale, shift = normalization_constants(dataset.mean, dataset.std, torch.device("cpu"))
     mix_table = torch.from_numpy(dataset.mix_table(with_mixes=True))
@@ -231,7 +259,12 @@ def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: 
         if isinstance(item, StreamError):
             raise InputError(item.message)
         if isinstance(item, ChipBatch):
-            target = mix_table[item.codes.long()] if mixes else item.label.long()
+            if mixes:
+                target = mix_table[item.codes.long()]
+            elif seeding is not None:
+                target = seed_non_vegetated(item.image, item.codes, item.label.long(), **seeding)
+            else:
+                target = item.label.long()
             yield normalize_on_device(item.image, scale, shift), target
 
 

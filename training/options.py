@@ -19,7 +19,11 @@ from runtime.device import DeviceOptions
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
                     "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
-                    "optimizer", "refine_labels", "refine_targets", "refine_balance")
+                    "optimizer", "refine_labels", "refine_targets", "refine_balance", "refine_seeds")
+
+def share_of_one(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
 
 def exponent_in_unit_interval(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
@@ -30,9 +34,9 @@ def exponent_in_unit_interval(value: float) -> str | None:
 #: gives each option's measured effect).
 RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
-                  "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none"},
+                  "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0},
     "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
-               "class_balance": 0.5, "optimizer": "sgd", "refine_labels": "local"},
+               "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1},
 }
 
 
@@ -110,6 +114,12 @@ class TrainOptions(DeviceOptions, TileListOptions):
     refine_balance: float = option(1.0, "with --refine_labels local: class balance P of the local classifier "
                                         "(share ** -P; 1 weighs every class equally in total)", group="recipe",
                                    check=at_least(0))
+    refine_seeds: float | None = option(None, "with --refine_labels local: before the local classifier is fitted, "
+                                              "in each of its chips the lowest-NDVI pixels of each LR code, this share "
+                                              "of the code's expected non-vegetated share (lr_mixes), are labelled the "
+                                              "dataset's non_vegetated_class (roads, roofs, bare ground); 0 is off. "
+                                              "Needs red and nir bands", group="recipe", check=share_of_one,
+                                        none_means="the recipe's")
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")

@@ -16,6 +16,12 @@ among the classes its LR code allows (the dataset's ``lr_mixes``: a forest block
 canopy and low vegetation, never water), and the network learns from the refined labels with its
 usual loss. No-data pixels stay ignored. The classifier is fitted on the CPU from the run's seed,
 so every rank, and a resumed run, gets the same one; it is stored in the checkpoint.
+
+A class that the LR labels almost never give (impervious surfaces, where few blocks are coded
+"developed" above open space) would never be learnt, by the classifiers or the network. With
+``--refine_seeds`` the least vegetated pixels (lowest NDVI) of the codes whose mix holds some of the
+dataset's non-vegetated class are given that class in the classifiers' targets
+(:func:`seed_non_vegetated`), and the classifiers extend it to what looks like them.
 """
 
 from __future__ import annotations
@@ -48,6 +54,35 @@ def local_features(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
     mean = F.avg_pool2d(x, side, stride=1, padding=radius, count_include_pad=False)
     square = F.avg_pool2d(x * x, side, stride=1, padding=radius, count_include_pad=False)
     return torch.cat([x, mean, (square - mean * mean).clamp_min(0).sqrt()], dim=1)
+
+
+def ndvi(raw: torch.Tensor, red: int, nir: int) -> torch.Tensor:
+    """``(B, H, W)`` normalised difference vegetation index of raw ``(B, bands, H, W)`` pixels."""
+    r, n = raw[:, red].float(), raw[:, nir].float()
+    return (n - r) / (n + r).clamp_min(1e-6)
+
+
+def seed_non_vegetated(raw: torch.Tensor, codes: torch.Tensor, label: torch.Tensor, shares: torch.Tensor,
+                       red: int, nir: int, target: int) -> torch.Tensor:
+    """LR labels with, in each chip, the lowest-NDVI ``shares[code]`` of each LR code's pixels set to ``target``.
+
+    An LR code that expects some non-vegetated cover (NLCD's developed open space: under 20 %
+    impervious) still labels every pixel with its majority class, so the local classifier never
+    sees a road or a roof when the LR labels rarely say "developed". The least vegetated pixels of
+    such a code are confident examples; a small share of them (a fraction of the code's expected
+    share) is taken, so that the classifier, not the seeds, decides how far the class extends.
+    """
+    out = label.clone()
+    index = ndvi(raw, red, nir)
+    for chip in range(label.shape[0]):
+        chip_codes, chip_index, chip_label = codes[chip].long().reshape(-1), index[chip].reshape(-1), out[chip].view(-1)
+        for code in torch.unique(chip_codes).tolist():
+            share = float(shares[code]) if code < len(shares) else 0.0
+            where = torch.nonzero((chip_codes == code) & (chip_label != IGNORE_INDEX)).squeeze(1)
+            count = int(round(share * len(where)))
+            if count > 0:
+                chip_label[where[torch.topk(-chip_index[where], count).indices]] = target
+    return out
 
 
 class LocalLabelModel(nn.Module):

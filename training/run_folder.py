@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from dataset import DatasetDefinition
-from dataset.definition import REPO_ROOT, without_prose
+from dataset.definition import LATER_FIELDS, REPO_ROOT, without_prose
 from dataset.errors import InputError
 from dataset.files import FolderLock, atomic_output, check_output_folder, remove_stale_temporaries
 from networks import read_checkpoint, save_checkpoint
@@ -228,7 +228,8 @@ def read_resume(options: TrainOptions, dataset: DatasetDefinition) -> dict[str, 
         if name != "max_epochs" and before != getattr(options, name):
             raise InputError(f"--{name} {getattr(options, name)!r} differs from the checkpoint's "
                              f"{before!r} ({options.resume}): resume with the original settings")
-    if without_prose(payload["dataset"]) != without_prose(dataset.to_dict()):
+    current = {k: v for k, v in dataset.to_dict().items() if k in payload["dataset"] or k not in LATER_FIELDS}
+    if without_prose(payload["dataset"]) != without_prose(current):
         raise InputError(f"{options.resume}: trained for dataset {payload['dataset'].get('name')!r}, "
                          f"not this definition of {dataset.name!r}")
     return payload

@@ -75,3 +75,8 @@ def test_bad_lr_mixes_are_one_line_errors():
                            ({"21": {"tree canopy": -0.5, "impervious": 1.5}}, "non-negative")]:
         with pytest.raises(InputError, match=message):
             load_dataset({**data, "lr_mixes": mixes})
+    with pytest.raises(InputError, match="'non_vegetated_class' 'roads' is not one of the classes"):
+        load_dataset({**data, "non_vegetated_class": "roads"})
+    assert load_dataset("sample").non_vegetated_class == "impervious"
+    assert load_dataset("Chesapeake_published").non_vegetated_class == "impervious"  # from the definition it extends
+    assert load_dataset("Chesapeake_NLCD16").non_vegetated_class is None

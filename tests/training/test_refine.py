@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model, local_features
+from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model, local_features, ndvi, seed_non_vegetated
 
-TREE, GRASS = 2, 3
+TREE, GRASS, IMPERVIOUS = 2, 3, 4
 
 
 def blocky_scene(seed: int, size: int = 96):
@@ -130,3 +130,53 @@ def test_bagged_members_average_their_log_probabilities():
     assert torch.equal(restored(image), bag(image))
     refined = LabelRefiner(bag, allowed_table(), torch.device("cpu"))(image, codes, label)
     assert (refined == truth).float().mean() > 0.955
+
+
+def developed_scene(seed: int, size: int = 96):
+    """Raw 4-band (R, G, B, NIR) pixels of a forest block (code 41, columns < 48) and a block of developed
+    open space (code 21) crossed by a 6-pixel road (columns 70-75). Vegetation is bright in the NIR, the
+    road is not; the LR labels say tree canopy and low vegetation, never impervious."""
+    rng = np.random.default_rng(seed)
+    truth = np.full((size, size), TREE)
+    truth[:, 48:] = GRASS
+    truth[:, 70:76] = IMPERVIOUS
+    looks = {TREE: (60, 70, 50, 150, 20), GRASS: (110, 140, 90, 190, 8), IMPERVIOUS: (150, 150, 145, 120, 6)}
+    raw = np.zeros((4, size, size))
+    for cls, (*bands, spread) in looks.items():
+        raw[:, truth == cls] = np.array(bands)[:, None] + spread * rng.standard_normal((4, int((truth == cls).sum())))
+    codes = np.where(np.arange(size) < 48, 41, 21) * np.ones((size, 1), np.int64)
+    raw = torch.tensor(raw.clip(1, 255), dtype=torch.float32)[None]
+    codes = torch.tensor(codes)[None]
+    return raw, codes, torch.where(codes == 41, TREE, GRASS), torch.tensor(truth)[None]
+
+
+def test_ndvi_seeds_mark_the_least_vegetated_share_of_each_code():
+    raw, codes, label, truth = developed_scene(0)
+    label[:, :4] = 0  # no data is never seeded
+    shares = torch.zeros(100)
+    shares[21] = 0.05  # 5 % of the developed block's labelled pixels (the road is 12.5 % of it)
+    seeded = seed_non_vegetated(raw, codes, label, shares, red=0, nir=3, target=IMPERVIOUS)
+    marked = seeded == IMPERVIOUS
+    developed = (codes == 21) & (label != 0)
+    assert int(marked.sum()) == round(0.05 * int(developed.sum()))
+    assert (truth[marked] == IMPERVIOUS).all()  # the lowest NDVI of the block is road
+    assert ndvi(raw, 0, 3)[marked].max() <= ndvi(raw, 0, 3)[developed & ~marked].min()
+    assert torch.equal(seeded[~marked], label[~marked])  # the forest block and no data are untouched
+
+
+def test_ndvi_seeds_teach_the_local_model_a_class_the_labels_never_give():
+    raw, codes, label, truth = developed_scene(1)
+    image = (raw - 120) / 50
+    allowed = np.zeros((100, 5), dtype=bool)
+    allowed[41, [TREE, GRASS]] = allowed[21, [TREE, GRASS, IMPERVIOUS]] = True
+    shares = torch.zeros(100)
+    shares[21] = 0.05
+    refined = {}
+    for name, target in (("plain", label), ("seeded", seed_non_vegetated(raw, codes, label, shares, 0, 3, IMPERVIOUS))):
+        model, _ = fit_local_model([(image, target)], classes=5, balance=1.0, seed=0)
+        refined[name] = LabelRefiner(model, allowed, torch.device("cpu"))(image, codes, label)
+    assert not (refined["plain"] == IMPERVIOUS).any()
+    road = refined["seeded"][0, :, 71:75]  # the road's inner columns (its edges mix with grass windows)
+    # the seeds are the road's lowest-NDVI 40 %; the classifier extends them to most of the road
+    assert (road == IMPERVIOUS).float().mean() > 0.55
+    assert (refined["seeded"][truth != IMPERVIOUS] == IMPERVIOUS).float().mean() < 0.02

@@ -159,8 +159,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
     # a checkpoint from before the recipe options existed trained with their published values
     older = str(tmp_path / "older.pth")
     payload = read_checkpoint(last)
-    for name in ("jitter", "gce_q", "refine_labels", "refine_targets", "refine_balance"):
+    for name in ("jitter", "gce_q", "refine_labels", "refine_targets", "refine_balance", "refine_seeds"):
         del payload["train_args"][name]
+    del payload["dataset"]["non_vegetated_class"]  # a definition field added later is compared only when saved
     torch.save(payload, older)
     assert run_cli(train.main, argv[:-1] + [older]) == 0
     message = cli_error(capsys, argv[:-2] + ["--jitter", "0.1", "--resume", older])
@@ -436,9 +437,9 @@ def test_recipe_presets_fill_only_what_is_not_given():
     assert (published.recipe, published.label_loss, published.entropy_weight, published.augment) == \
         ("published", "hard", 0.0, "none")
     robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
-    assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels) == \
-        ("hard", "none", 0.5, "local")
-    assert published.refine_labels == "none" and published.class_balance == 0.0
+    assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels, robust.refine_seeds) == \
+        ("hard", "none", 0.75, "local", 0.1)
+    assert published.refine_labels == "none" and published.class_balance == 0.0 and published.refine_seeds == 0.0
     assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
 
 
@@ -469,6 +470,24 @@ def test_mix_loss_and_label_refinement_need_the_datasets_mixes(tmp_path, four_ti
     definition.write_text(__import__("json").dumps(plain))
     with pytest.raises(InputError, match=f"{flag}: dataset 'sample' gives no lr_mixes"):
         Trainer(options(tmp_path, four_tiles, dataset=str(definition), **recipe))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("non_vegetated_class"), "names no non_vegetated_class"),
+    (lambda d: d.update(bands=["red", "green", "blue", "infrared"]), "has no nir band"),
+    (None, "seeds hard LR targets, not --refine_targets mix")])
+def test_ndvi_seeds_need_a_non_vegetated_class_and_red_and_nir_bands(tmp_path, four_tiles, change, message):
+    from dataset import load_dataset
+    from dataset.errors import InputError
+
+    definition = load_dataset("sample").to_dict()
+    if change is not None:
+        change(definition)
+    path = tmp_path / "edited.json"
+    path.write_text(__import__("json").dumps(definition))
+    recipe = dict(refine_labels="local", refine_seeds=0.1, refine_targets="hard" if change else "mix")
+    with pytest.raises(InputError, match=f"--refine_seeds.*{message}.*--refine_seeds 0 turns it off"):
+        Trainer(options(tmp_path, four_tiles, dataset=str(path), **recipe))
 
 
 def test_class_weights_come_from_the_training_labels(four_tiles):
@@ -510,13 +529,14 @@ class CountingRefiner:
         return refined
 
 
-@pytest.mark.parametrize("targets", ["hard", "mix"])
-def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path, four_tiles, monkeypatch, targets):
+@pytest.mark.parametrize("targets, seeds", [("hard", 0.0), ("mix", 0.0), ("hard", 0.1)])
+def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path, four_tiles, monkeypatch, targets,
+                                                                       seeds):
     from training import builders
 
     monkeypatch.setattr(builders, "REFINE_CHIPS_PER_TILE", 2)
     monkeypatch.setattr(builders, "REFINE_BAGS", 2)
-    recipe = dict(refine_labels="local", refine_targets=targets, class_balance=0.5)
+    recipe = dict(refine_labels="local", refine_targets=targets, refine_seeds=seeds, class_balance=0.5)
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
     assert full.refiner is not None and full.stream.with_codes
     full.refiner = CountingRefiner(full.refiner)
