@@ -65,7 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=0, help="loader processes (default: 0)")
     p.add_argument("--list_dir", default=SAMPLE_LIST, help="the sample list (image_fn, label_fn, hr_label_fn)")
     p.add_argument("--dataset", default="sample", help="dataset definition (default: sample)")
-    p.add_argument("--work_dir", default=None, help="keep runs and maps here (default: a temporary folder)")
+    p.add_argument("--work_dir", default=None, help="keep runs and maps here (default: a temporary folder, removed at "
+                                                    "the end)")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     return p.parse_args(argv)
 
@@ -177,7 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     entries = read_list(args.list_dir, required=("image_fn", "label_fn", "hr_label_fn"))
     if len(entries) < 2:
         raise InputError(f"{args.list_dir}: the held-out protocol needs at least two tiles")
-    work = args.work_dir or tempfile.mkdtemp(prefix="vcnet_sample_benchmark_")
+    if args.work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="vcnet_sample_benchmark_") as work:
+            return run_benchmark(args, named, dataset, entries, work)
+    return run_benchmark(args, named, dataset, entries, args.work_dir)
+
+
+def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset, entries: list[TileEntry],
+                  work: str) -> int:
     base = dict(dataset=args.dataset, model_config=args.model_config, chip_size=args.chip_size,
                 max_epochs=args.max_epochs, batch_size=args.batch_size, num_workers=args.num_workers,
                 device="cpu", save_interval=args.max_epochs, overwrite=True)

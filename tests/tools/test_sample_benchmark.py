@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -44,3 +45,17 @@ def test_smoke_run_reports_nlcd_and_each_variant(tmp_path, capsys):
     run = result["published"]["runs"][0]
     assert run["seed"] == 3 and run["pixels"] == nlcd["pixels"] and 0 <= run["mean_iou"] <= 1
     assert "published" in capsys.readouterr().out
+
+
+def test_without_work_dir_the_runs_go_to_a_temporary_folder_removed_at_the_end(monkeypatch):
+    seen = []
+
+    def fake_run(args, named, dataset, entries, work):
+        open(os.path.join(work, "last.pth"), "wb").close()  # what a run leaves there
+        seen.append(work)
+        return 0
+
+    monkeypatch.setattr(sample_benchmark, "run_benchmark", fake_run)
+    assert sample_benchmark.main(["--seeds", "1"]) == 0
+    assert len(seen) == 1 and "vcnet_sample_benchmark_" in seen[0]
+    assert not os.path.exists(seen[0])
