@@ -10,7 +10,16 @@ import dataclasses
 import os
 
 from dataset.errors import InputError
-from dataset.options import TileListOptions, at_least, multiple_of, option, override, positive_number, seed_range
+from dataset.options import (
+    TileListOptions,
+    at_least,
+    between,
+    multiple_of,
+    option,
+    override,
+    positive_number,
+    seed_range,
+)
 from networks.config import CONFIG_NAMES, SIZE_MULTIPLE
 from runtime.device import DeviceOptions
 
@@ -20,9 +29,6 @@ from runtime.device import DeviceOptions
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
                     "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
                     "optimizer", "refine_labels", "refine_targets", "refine_balance", "refine_seeds")
-
-def share_of_one(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
 
 
 def exponent_in_unit_interval(value: float) -> str | None:
@@ -118,7 +124,7 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                               "in each of its chips the lowest-NDVI pixels of each LR code, this share "
                                               "of the code's expected non-vegetated share (lr_mixes), are labelled the "
                                               "dataset's non_vegetated_class (roads, roofs, bare ground); 0 is off. "
-                                              "Needs red and nir bands", group="recipe", check=share_of_one,
+                                              "Needs red and nir bands", group="recipe", check=between(0, 1),
                                         none_means="the recipe's")
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "

@@ -78,6 +78,8 @@ def seed_non_vegetated(raw: torch.Tensor, codes: torch.Tensor, label: torch.Tens
         chip_codes, chip_index, chip_label = codes[chip].long().reshape(-1), index[chip].reshape(-1), out[chip].view(-1)
         for code in torch.unique(chip_codes).tolist():
             share = float(shares[code]) if code < len(shares) else 0.0
+            if share <= 0:  # most codes (forests, fields) expect no non-vegetated cover
+                continue
             where = torch.nonzero((chip_codes == code) & (chip_label != IGNORE_INDEX)).squeeze(1)
             count = int(round(share * len(where)))
             if count > 0:
