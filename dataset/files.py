@@ -1,5 +1,5 @@
 """Files the commands write: atomic outputs, output-path checks before work starts, stale temporaries,
-a run lock, and file fingerprints.
+a run lock, per-output locks, and file fingerprints.
 
 Every file-system failure here becomes an :class:`~dataset.errors.InputError` that names the path
 and the cause (read-only, no space left, not a folder, ...), so the commands end with one line.
@@ -173,3 +173,85 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+class OutputLocks:
+    """Exclusive locks on single outputs of a folder, one held at a time, while a command writes them.
+
+    Commands that share a folder by design (the shards and ranks of one mapping run, or two runs of
+    it started by mistake) each lock an output before they remove its stale temporaries, check it
+    and write it, so none deletes another's file in progress or maps the same tile at the same time.
+    The locks are POSIX byte-range locks on one file, ``<folder>/<name>``, one byte per output (at an
+    offset from a hash of its file name): the kernel drops them when the process ends, however it
+    ends. The last process to finish removes the file; one that locked a file removed meanwhile
+    locks the new one instead.
+
+    Raises:
+        InputError: the lock file cannot be created in the folder.
+    """
+
+    def __init__(self, folder: str, name: str = ".outputs.lock") -> None:
+        self.path = os.path.join(folder, name)
+        self._fd: int | None = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot create the folder ({os_error_text(exc)})") from None
+        self._open()
+
+    def _open(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops this process's locks in the file: none is held between outputs
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot create the lock file ({os_error_text(exc)})") from None
+
+    def _is_current(self) -> bool:
+        """Whether the open lock file is still the one under its name (not removed by a finished process)."""
+        try:
+            on_disk, held = os.stat(self.path), os.fstat(self._fd)
+        except FileNotFoundError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+    @staticmethod
+    def _offset(path: str) -> int:
+        return int.from_bytes(hashlib.sha256(os.path.basename(path).encode()).digest()[:6], "big")
+
+    def acquire(self, path: str, wait: bool) -> bool:
+        """Lock output ``path``; without ``wait``, return False at once if another process holds it."""
+        import fcntl
+
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, self._offset(path))
+            except (BlockingIOError, PermissionError):
+                return False
+            if self._is_current():
+                return True
+            self._open()
+
+    def release(self, path: str) -> None:
+        import fcntl
+
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._offset(path))
+
+    def close(self) -> None:
+        """Close the lock file, and remove it if no other process holds a lock in it."""
+        import fcntl
+
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the whole file: fails while any output is held
+            if self._is_current():
+                os.remove(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLocks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,7 +6,9 @@ Every output is written under a temporary name, read back, and renamed only when
 whose outputs exist, are complete and were made by the same checkpoint and window settings (the
 :data:`mapping.writer.PROVENANCE_TAG` of each map) are skipped unless ``overwrite``, so re-running
 an interrupted command resumes it; incomplete outputs are re-mapped, and outputs of another
-checkpoint or other settings stop the run. Under ``torchrun`` each rank maps every
+checkpoint or other settings stop the run. Each output is locked while it is checked and written, so
+a second run into the same folder neither deletes a map in progress nor maps it again
+(:func:`map_list`). Under ``torchrun`` each rank maps every
 ``WORLD_SIZE``-th tile of the list, starting at its ``RANK``, on GPU ``LOCAL_RANK``; no process
 group is needed because ranks share nothing. With ``--shard K/N`` (a scheduler's job array) the
 process maps every N-th tile from the K-th, and torchrun ranks split that shard in turn
@@ -25,7 +27,7 @@ import torch
 from dataset import TileEntry, load_dataset
 from dataset.checks import imagery_scale_warning
 from dataset.errors import InputError
-from dataset.files import check_output_folder, file_sha256, remove_stale_temporaries
+from dataset.files import OutputLocks, check_output_folder, file_sha256, remove_stale_temporaries
 from dataset.raster_io import check_bands, open_raster
 from mapping.options import MapOptions
 from mapping.overviews import OVERVIEW_MIN_SIZE
@@ -134,18 +136,30 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
              provenance: str | None = None) -> dict[str, list[str]]:
     """Map every tile of ``plan`` (and write probabilities and previews if asked).
 
-    Every existing output is checked before the first tile is mapped (:func:`needs_mapping`), and
-    temporary files that an interrupted run left for these outputs are removed.
+    Every existing output is checked before the first tile is mapped (:func:`needs_mapping`). Each
+    tile is then handled under its output's lock (:class:`~dataset.files.OutputLocks`): temporary
+    files that an interrupted run left for it are removed, it is checked again, and mapped if
+    needed. A tile that another process is mapping (a second run into the same folder) is left
+    until the other tiles are done, then waited for and checked again: skipped if that process
+    completed it with the same checkpoint and settings, mapped if it did not, refused if it made
+    it with others.
 
     Returns:
         ``{"mapped": [...], "skipped": [...]}`` output paths; skipped tiles already had outputs.
     """
     done: dict[str, list[str]] = {"mapped": [], "skipped": []}
-    remove_stale_temporaries([path for out in plan.outputs for path in (out, plan.probs_path(out)) if path])
-    todo = [overwrite or needs_mapping(out, plan.probs_path(out), provenance, log) for out in plan.outputs]
-    items = list(zip(plan.entries, plan.outputs, todo))
-    for entry, out, needed in (progress(items) if progress else items):
+
+    def quiet(_: str) -> None:
+        return None
+
+    if not overwrite:  # fail before any work when an output is another run's
+        for out in plan.outputs:
+            needs_mapping(out, plan.probs_path(out), provenance, quiet)
+
+    def handle(entry: TileEntry, out: str) -> None:
         probs = plan.probs_path(out)
+        remove_stale_temporaries([path for path in (out, probs) if path])
+        needed = overwrite or needs_mapping(out, probs, provenance, log)
         if not needed:
             done["skipped"].append(out)
         else:
@@ -157,6 +171,25 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
         png = plan.preview_path(out)
         if png and (needed or not os.path.isfile(png)):
             write_preview(png, entry.image, out, dataset, label_path=entry.label, hr_path=entry.hr_label)
+
+    busy = []
+    with OutputLocks(plan.out_dir) as locks:
+        items = list(zip(plan.entries, plan.outputs))
+        for entry, out in progress(items) if progress else items:
+            if not locks.acquire(out, wait=False):
+                busy.append((entry, out))
+                continue
+            try:
+                handle(entry, out)
+            finally:
+                locks.release(out)
+        for entry, out in busy:
+            log(f"waiting for {out}: another process is mapping it")
+            locks.acquire(out, wait=True)
+            try:
+                handle(entry, out)
+            finally:
+                locks.release(out)
     return done
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import dataset.files
 from dataset.errors import InputError, run_cli
-from dataset.files import atomic_output, check_output_file, check_output_folder, remove_stale_temporaries
+from dataset.files import OutputLocks, atomic_output, check_output_file, check_output_folder, remove_stale_temporaries
 
 
 def test_a_full_disk_inside_atomic_output_names_the_file_and_leaves_nothing(tmp_path):
@@ -69,3 +69,16 @@ def test_run_cli_turns_a_file_system_refusal_into_one_line(capsys):
 
     assert run_cli(main, []) == 2
     assert capsys.readouterr().err == "error: /data/out.tif: Permission denied\n"
+
+
+def test_output_locks_follow_a_lock_file_that_a_finished_run_removed(tmp_path):
+    locks = OutputLocks(str(tmp_path / "maps"))
+    lock_file = tmp_path / "maps" / ".outputs.lock"
+    assert locks.acquire(str(tmp_path / "maps" / "a.tif"), wait=False) and lock_file.exists()
+    locks.release(str(tmp_path / "maps" / "a.tif"))
+    os.remove(lock_file)  # what the last other run to finish does
+    assert locks.acquire(str(tmp_path / "maps" / "b.tif"), wait=True)
+    assert lock_file.exists() and locks._is_current()  # the lock is taken in the file others now open
+    locks.release(str(tmp_path / "maps" / "b.tif"))
+    locks.close()
+    assert os.listdir(tmp_path / "maps") == []  # no other holder: the lock file goes with the run
