@@ -13,9 +13,12 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from dataset.errors import WRITE_ERRNOS, InputError, os_error_text
+
+Item = TypeVar("Item")
 
 #: Below this many free bytes a failed write is reported as "no space left on the device".
 LOW_SPACE = 16 << 20
@@ -255,3 +258,31 @@ class OutputLocks:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def locked_in_turn(folder: str, items: Iterable[Item], path_of: Callable[[Item], str],
+                   waiting: Callable[[str], None]) -> Iterator[Item]:
+    """Yield ``items`` one at a time, each with the :class:`OutputLocks` lock of its output ``path_of(item)``
+    held until the next one is asked for.
+
+    An item whose output another process holds is put off until the others are done; then
+    ``waiting(path)`` is called and its lock waited for. The caller checks the output again once it
+    has the item: the other process may have finished it meanwhile.
+    """
+    with OutputLocks(folder) as locks:
+        busy = []
+        for item in items:
+            if locks.acquire(path_of(item), wait=False):
+                try:
+                    yield item
+                finally:
+                    locks.release(path_of(item))
+            else:
+                busy.append(item)
+        for item in busy:
+            waiting(path_of(item))
+            locks.acquire(path_of(item), wait=True)
+            try:
+                yield item
+            finally:
+                locks.release(path_of(item))

@@ -17,6 +17,7 @@ process maps every N-th tile from the K-th, and torchrun ranks split that shard 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ import torch
 from dataset import TileEntry, load_dataset
 from dataset.checks import imagery_scale_warning
 from dataset.errors import InputError
-from dataset.files import OutputLocks, check_output_folder, file_sha256, remove_stale_temporaries
+from dataset.files import check_output_folder, file_sha256, locked_in_turn, remove_stale_temporaries
 from dataset.raster_io import check_bands, open_raster
 from mapping.options import MapOptions
 from mapping.overviews import OVERVIEW_MIN_SIZE
@@ -137,7 +138,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
     """Map every tile of ``plan`` (and write probabilities and previews if asked).
 
     Every existing output is checked before the first tile is mapped (:func:`needs_mapping`). Each
-    tile is then handled under its output's lock (:class:`~dataset.files.OutputLocks`): temporary
+    tile is then handled under its output's lock (:func:`~dataset.files.locked_in_turn`): temporary
     files that an interrupted run left for it are removed, it is checked again, and mapped if
     needed. A tile that another process is mapping (a second run into the same folder) is left
     until the other tiles are done, then waited for and checked again: skipped if that process
@@ -156,40 +157,25 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
         for out in plan.outputs:
             needs_mapping(out, plan.probs_path(out), provenance, quiet)
 
-    def handle(entry: TileEntry, out: str) -> None:
-        probs = plan.probs_path(out)
-        remove_stale_temporaries([path for path in (out, probs) if path])
-        needed = overwrite or needs_mapping(out, probs, provenance, log)
-        if not needed:
-            done["skipped"].append(out)
-        else:
-            map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
-                     batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
-                     num_workers=num_workers, overview_min_size=plan.overview_min_size, provenance=provenance)
-            done["mapped"].append(out)
-            log(f"mapped {entry.image} -> {out}")
-        png = plan.preview_path(out)
-        if png and (needed or not os.path.isfile(png)):
-            write_preview(png, entry.image, out, dataset, label_path=entry.label, hr_path=entry.hr_label)
-
-    busy = []
-    with OutputLocks(plan.out_dir) as locks:
-        items = list(zip(plan.entries, plan.outputs))
-        for entry, out in progress(items) if progress else items:
-            if not locks.acquire(out, wait=False):
-                busy.append((entry, out))
-                continue
-            try:
-                handle(entry, out)
-            finally:
-                locks.release(out)
-        for entry, out in busy:
-            log(f"waiting for {out}: another process is mapping it")
-            locks.acquire(out, wait=True)
-            try:
-                handle(entry, out)
-            finally:
-                locks.release(out)
+    items = list(zip(plan.entries, plan.outputs))
+    turns = locked_in_turn(plan.out_dir, progress(items) if progress else items, lambda item: item[1],
+                           lambda out: log(f"waiting for {out}: another process is mapping it"))
+    with contextlib.closing(turns):
+        for entry, out in turns:
+            probs = plan.probs_path(out)
+            remove_stale_temporaries([path for path in (out, probs) if path])
+            needed = overwrite or needs_mapping(out, probs, provenance, log)
+            if not needed:
+                done["skipped"].append(out)
+            else:
+                map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
+                         batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
+                         num_workers=num_workers, overview_min_size=plan.overview_min_size, provenance=provenance)
+                done["mapped"].append(out)
+                log(f"mapped {entry.image} -> {out}")
+            png = plan.preview_path(out)
+            if png and (needed or not os.path.isfile(png)):
+                write_preview(png, entry.image, out, dataset, label_path=entry.label, hr_path=entry.hr_label)
     return done
 
 

@@ -21,6 +21,7 @@ LR raster's own nodata value, and (with a class table) codes that the table maps
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -39,7 +40,7 @@ from rasterio.windows import transform as window_transform
 
 from dataset import LabelTable
 from dataset.errors import InputError
-from dataset.files import check_output_folder, remove_stale_temporaries
+from dataset.files import check_output_folder, locked_in_turn, remove_stale_temporaries
 from dataset.raster_io import geotiff_profile, open_raster, raster_problem, read_window, written_raster
 
 #: Side of the output windows (pixels); a multiple of the output block size.
@@ -359,20 +360,25 @@ def align_tiles(images: Sequence[str], lr_paths: Sequence[str], out_dir: str, *,
     if window < 1:
         raise InputError(f"--window {window}: must be at least 1")
     check_output_folder(out_dir, "--out_dir")
-    remove_stale_temporaries(outputs)
     reports = []
     with LRProduct(lr_paths, band=band) as product:
         for image in images:
             tile_grid(image, product)
-        for image, out in zip(images, outputs):
-            if skip_existing and os.path.isfile(out):
-                problem = raster_problem(out)
-                if problem is None:
-                    continue
-                log(f"aligning {out} again: the existing label is incomplete ({problem})")
-            result = align_tile(image, product, out, table=table, resampling=RESAMPLING[resampling],
-                                window=window, colormap=colormap)
-            if report:
-                report(result)
-            reports.append(result)
+        # Each label under its lock, so that a second align into the folder never removes this one's
+        # label in progress as a stale temporary (dataset.files.locked_in_turn).
+        turns = locked_in_turn(out_dir, list(zip(images, outputs)), lambda item: item[1],
+                               lambda out: log(f"waiting for {out}: another process is aligning it"))
+        with contextlib.closing(turns):
+            for image, out in turns:
+                remove_stale_temporaries([out])
+                if skip_existing and os.path.isfile(out):
+                    problem = raster_problem(out)
+                    if problem is None:
+                        continue
+                    log(f"aligning {out} again: the existing label is incomplete ({problem})")
+                result = align_tile(image, product, out, table=table, resampling=RESAMPLING[resampling],
+                                    window=window, colormap=colormap)
+                if report:
+                    report(result)
+                reports.append(result)
     return reports

@@ -88,3 +88,56 @@ def test_list_writes_nothing_when_the_split_fails(tmp_path, capsys):
     code, _, err = run_main(main, ["list", "--images", str(tmp_path / "t?.tif"), "--labels", "{dir}/{stem}_lr.tif",
                                    "--out", out, "--split", "random", "--val_fraction", "1"], capsys)
     assert code == 2 and "--val_fraction 1.0" in err and not out.parent.exists()
+
+
+ALIGN_HOLDER = """
+import os, sys, time
+from dataset.files import OutputLocks
+out, go = sys.argv[1], sys.argv[2]
+locks = OutputLocks(os.path.dirname(out))
+assert locks.acquire(out, wait=False)
+in_progress = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".w0rk1ng.tmp")
+open(in_progress, "wb").write(b"a label being written")
+print("locked", flush=True)
+deadline = time.time() + 120
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.05)
+print("intact" if os.path.isfile(in_progress) else "deleted", flush=True)
+os.remove(in_progress)  # as if this run failed
+"""
+
+
+def test_a_second_align_leaves_a_label_in_progress_alone(tmp_path):
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    out, go = tmp_path / "labels" / LABEL, tmp_path / "go"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    holder = subprocess.Popen([sys.executable, "-c", ALIGN_HOLDER, str(out), str(go)], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.PIPE, text=True)
+    logs, failures = [], []
+
+    def second_run():
+        try:
+            preparation.align.align_tiles([NAIP], [NLCD], str(tmp_path / "labels"), log=logs.append)
+        except Exception as exc:  # reported below
+            failures.append(exc)
+
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = threading.Thread(target=second_run)
+        second.start()
+        deadline = time.time() + 60
+        while not logs and time.time() < deadline:
+            time.sleep(0.05)
+        assert logs == [f"waiting for {out}: another process is aligning it"]
+        go.touch()
+        assert holder.stdout.readline().strip() == "intact"  # not removed as a stale temporary
+        second.join(timeout=60)
+    finally:
+        go.touch()
+        holder.wait(timeout=60)
+    assert not failures and raster_problem(str(out)) is None  # aligned once the other run let go
+    assert os.listdir(tmp_path / "labels") == [LABEL]  # nor a temporary, nor the lock file
