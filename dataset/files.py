@@ -272,17 +272,18 @@ def locked_in_turn(folder: str, items: Iterable[Item], path_of: Callable[[Item],
     with OutputLocks(folder) as locks:
         busy = []
         for item in items:
-            if locks.acquire(path_of(item), wait=False):
-                try:
-                    yield item
-                finally:
-                    locks.release(path_of(item))
-            else:
-                busy.append(item)
-        for item in busy:
-            waiting(path_of(item))
-            locks.acquire(path_of(item), wait=True)
+            path = path_of(item)
+            if not locks.acquire(path, wait=False):
+                busy.append((item, path))
+                continue
             try:
                 yield item
             finally:
-                locks.release(path_of(item))
+                locks.release(path)
+        for item, path in busy:
+            waiting(path)
+            locks.acquire(path, wait=True)
+            try:
+                yield item
+            finally:
+                locks.release(path)

@@ -139,8 +139,9 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
 
     Every existing output is checked before the first tile is mapped (:func:`needs_mapping`). Each
     tile is then handled under its output's lock (:func:`~dataset.files.locked_in_turn`): temporary
-    files that an interrupted run left for it are removed, it is checked again, and mapped if
-    needed. A tile that another process is mapping (a second run into the same folder) is left
+    files that an interrupted run left for it are removed and, if the first check found it missing
+    or incomplete, it is checked again and mapped if still needed (a complete output is read once).
+    A tile still to map that another process is mapping (a second run into the folder) is left
     until the other tiles are done, then waited for and checked again: skipped if that process
     completed it with the same checkpoint and settings, mapped if it did not, refused if it made
     it with others.
@@ -150,12 +151,10 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
     """
     done: dict[str, list[str]] = {"mapped": [], "skipped": []}
 
-    def quiet(_: str) -> None:
-        return None
-
-    if not overwrite:  # fail before any work when an output is another run's
-        for out in plan.outputs:
-            needs_mapping(out, plan.probs_path(out), provenance, quiet)
+    # Every output checked once before any work, so that another run's outputs stop it here. Under its lock an
+    # output is checked again only where work was found: another process may have done it meanwhile.
+    pending = {out for out in plan.outputs
+               if overwrite or needs_mapping(out, plan.probs_path(out), provenance, lambda _: None)}
 
     items = list(zip(plan.entries, plan.outputs))
     turns = locked_in_turn(plan.out_dir, progress(items) if progress else items, lambda item: item[1],
@@ -164,7 +163,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
         for entry, out in turns:
             probs = plan.probs_path(out)
             remove_stale_temporaries([path for path in (out, probs) if path])
-            needed = overwrite or needs_mapping(out, probs, provenance, log)
+            needed = overwrite or (out in pending and needs_mapping(out, probs, provenance, log))
             if not needed:
                 done["skipped"].append(out)
             else:

@@ -83,6 +83,23 @@ def test_rerun_remaps_incomplete_maps(crops, tiny_checkpoint, tmp_path, capsys):
     assert code == 0 and "2 tiles mapped, 1 already done" in out and _all_complete(tmp_path)
 
 
+def test_a_rerun_reads_each_complete_map_once(crops, tiny_checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Reading a map back in full is the cost of a rerun: a complete one is checked once, not again under its lock."""
+    import mapping.run
+
+    argv = ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", tmp_path, *FAST]
+    assert run(TEST_PY, argv, capsys)[0] == 0
+    names = _maps(tmp_path)
+    os.remove(tmp_path / names[0])
+    checked = []
+    real = mapping.run.output_state
+    monkeypatch.setattr(mapping.run, "output_state", lambda path, *a: checked.append(path) or real(path, *a))
+    code, out, _ = run(TEST_PY, argv, capsys)
+    assert code == 0 and "1 tiles mapped, 2 already done" in out
+    # the missing map twice (before any work, then under its lock), each complete one once
+    assert sorted(os.path.basename(p) for p in checked) == sorted([names[0], *names])
+
+
 def test_stale_temporaries_of_a_killed_run_are_removed(crops, tiny_checkpoint, tmp_path, capsys):  # noqa: F811
     name = output_name(read_list(crops)[0].image)
     stale = tmp_path / f".{name}.k1ll3d.tmp"
