@@ -1,4 +1,4 @@
-"""tools/sample_benchmark.py: folds that never score a training patch, NLCD's own figures, JSON output."""
+"""tools/sample_benchmark.py: folds that never score a training pixel, NLCD's own figures, JSON output."""
 
 from __future__ import annotations
 
@@ -17,12 +17,27 @@ from tools import sample_benchmark
 
 def test_folds_score_every_patch_once_by_a_model_that_never_saw_it():
     entries = read_list(SAMPLE_LIST)
-    splits = sample_benchmark.folds(entries, "heldout")
+    splits = sample_benchmark.folds(entries, "heldout", "unused")
     tested = [e.image for _, test in splits for e in test]
     assert sorted(tested) == sorted(e.image for e in entries)
     for train, test in splits:
         assert not {e.image for e in train} & {e.image for e in test}
-    assert sample_benchmark.folds(entries, "update") == [(entries, entries)]
+    assert sample_benchmark.folds(entries, "update", "unused") == [(entries, entries)]
+
+
+def test_halves_fold_trains_on_one_half_of_every_patch_and_scores_the_other(tmp_path):
+    entries = read_list(SAMPLE_LIST)[:2]
+    splits = sample_benchmark.folds(entries, "halves", str(tmp_path))
+    assert len(splits) == 2 and splits[0] == (splits[1][1], splits[1][0])
+    for original, top, bottom in zip(entries, splits[0][0], splits[0][1]):
+        for field in ("image", "label", "hr_label"):
+            with rasterio.open(getattr(original, field)) as src:
+                whole = src.read()
+            with rasterio.open(getattr(top, field)) as a, rasterio.open(getattr(bottom, field)) as b:
+                # every row once, in order: a fold never scores a pixel it trained on
+                assert a.height + b.height == whole.shape[1] and a.height == whole.shape[1] // 2
+                np.testing.assert_array_equal(np.concatenate([a.read(), b.read()], axis=1), whole)
+                assert b.transform.f == a.transform.f + a.height * a.transform.e  # the bottom half lies below
 
 
 def test_smoke_run_reports_nlcd_and_each_variant(tmp_path, capsys):
