@@ -131,13 +131,12 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
     if mixes and not dataset.lr_mixes:
         raise InputError(f"--label_loss mix: dataset {dataset.name!r} gives no lr_mixes (the class mix of each "
                          "LR code; see docs/training.md)")
-    table = dataset.mix_table(with_mixes=mixes)
-    mix_table = torch.from_numpy(table).to(device) if mixes else None
+    mix_table = torch.from_numpy(dataset.mix_table(with_mixes=True)).to(device) if mixes else None
     weights = None
     if options.class_balance:
         # Refined labels hold the classes of each code's mix (the roads of a developed block), not only
         # its majority class: their shares come from the mixes, so that no class the labels may hold weighs 0.
-        shares_table = dataset.mix_table(with_mixes=True) if options.refine_labels == "local" else table
+        shares_table = dataset.mix_table(with_mixes=mixes or options.refine_labels == "local")
         weights = torch.from_numpy(class_weights(entries, dataset, shares_table, options.class_balance)).to(device)
         log.info(f"class weights (--class_balance {options.class_balance:g}): "
                  + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
