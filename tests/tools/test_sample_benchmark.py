@@ -42,11 +42,12 @@ def test_halves_fold_trains_on_one_half_of_every_patch_and_scores_the_other(tmp_
 
 def test_smoke_run_reports_nlcd_and_each_variant(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = sample_benchmark.main(["--seeds", "3", "--protocols", "update", "--max_epochs", "1", "--chips_per_tile",
+    code = sample_benchmark.main(["--seeds", "3", "--protocols", "update", "halves", "--max_epochs", "1", "--chips_per_tile",
                                   "1", "--batch_size", "4", "--stride", "64", "--variant", "published=--recipe published",
                                   "--work_dir", str(tmp_path / "work"), "--json", str(out)])
     assert code == 0
-    result = json.loads(out.read_text())["protocols"]["update"]
+    protocols = json.loads(out.read_text())["protocols"]
+    result = protocols["update"]
     # NLCD's own agreement, computed here independently from the rasters.
     dataset = load_dataset("sample")
     cm = 0
@@ -59,6 +60,10 @@ def test_smoke_run_reports_nlcd_and_each_variant(tmp_path, capsys):
     assert nlcd["mean_iou"] == pytest.approx(0.401, abs=5e-4)  # water is absent from the reference: left out
     run = result["published"]["runs"][0]
     assert run["seed"] == 3 and run["pixels"] == nlcd["pixels"] and 0 <= run["mean_iou"] <= 1
+    # the halves cover the same pixels, each scored once: NLCD's figures are the same
+    halves = protocols["halves"]
+    assert halves["NLCD (the LR labels as a map)"]["overall_accuracy"] == pytest.approx(nlcd["overall_accuracy"])
+    assert halves["NLCD (the LR labels as a map)"]["pixels"] == halves["published"]["runs"][0]["pixels"] == cm.sum()
     assert "published" in capsys.readouterr().out
 
 
