@@ -6,6 +6,7 @@ import contextlib
 import csv
 import os
 import subprocess
+import sys
 
 import numpy as np
 
@@ -43,6 +44,37 @@ def write_list(path, rows, columns=("image_fn", "label_fn", "hr_label_fn")):
         writer.writerow(columns)
         writer.writerows(rows)
     return str(path)
+
+
+#: A second process: holds the ``OutputLocks`` lock of ``out`` with a file in progress beside it until every
+#: ``wait_for`` path exists, then says whether that file was left alone ("intact" or "deleted") and leaves the
+#: output as if it failed (the file removed) or, given ``leave``, as if it completed (that file moved in).
+LOCK_HOLDER = """
+import os, sys, time
+from dataset.files import OutputLocks
+out, leave, wait_for = sys.argv[1], sys.argv[2], sys.argv[3:]
+locks = OutputLocks(os.path.dirname(out))
+assert locks.acquire(out, wait=False)
+in_progress = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".w0rk1ng.tmp")
+open(in_progress, "wb").write(b"an output being written")
+print("locked", flush=True)
+deadline = time.time() + 120
+while not all(os.path.isfile(path) for path in wait_for) and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)
+print("intact" if os.path.isfile(in_progress) else "deleted", flush=True)
+if leave:
+    os.replace(leave, out)
+else:
+    os.remove(in_progress)
+"""
+
+
+def start_lock_holder(out, wait_for, leave=None) -> subprocess.Popen:
+    """Start :data:`LOCK_HOLDER` for ``out``; it prints "locked" once it holds the lock."""
+    return subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out), str(leave or ""), *map(str, wait_for)],
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT}, stdout=subprocess.PIPE,
+                            text=True)
 
 
 def run_main(main, argv, capsys):

@@ -18,7 +18,7 @@ from dataset.raster_io import raster_problem
 from mapping.writer import PROVENANCE_TAG, output_name
 from networks import read_checkpoint, save_checkpoint
 from networks.config import get_tiny_config
-from tests.helpers import mounted_tmpfs, write_geotiff, write_list
+from tests.helpers import mounted_tmpfs, start_lock_holder, write_geotiff, write_list
 from tests.mapping.test_cli import FAST, MIOU_PY, TEST_PY, crops, run  # noqa: F401 (crops is a fixture)
 
 
@@ -200,46 +200,20 @@ def test_auto_test_checks_its_output_folder_first(crops, tiny_checkpoint, tmp_pa
         assert done.returncode == 2 and "cannot write in this folder" in done.stderr
 
 
-# A second process holds the first tile's output lock with a write in progress, until the test's run has
-# written the other two maps (so it is waiting for the first); then it leaves what the case says.
-HOLDER = """
-import os, sys, time
-from dataset.files import OutputLocks
-save, first, others, leave = sys.argv[1], sys.argv[2], sys.argv[3:5], sys.argv[5]
-locks = OutputLocks(save)
-assert locks.acquire(os.path.join(save, first), wait=False)
-in_progress = os.path.join(save, "." + first + ".w0rk1ng.tmp")
-open(in_progress, "wb").write(b"a map being written")
-print("locked", flush=True)
-deadline = time.time() + 120
-while not all(os.path.isfile(os.path.join(save, name)) for name in others) and time.time() < deadline:
-    time.sleep(0.05)
-time.sleep(0.5)
-print("intact" if os.path.isfile(in_progress) else "deleted", flush=True)
-if leave == "nothing":
-    os.remove(in_progress)  # as if this run failed
-else:
-    os.replace(leave, os.path.join(save, first))  # as if this run completed the map
-"""
-
-
 @pytest.mark.parametrize("holder_leaves", ["nothing", "the same map", "another checkpoint's map"])
 def test_a_map_another_run_is_writing_is_left_alone_then_checked(crops, tiny_checkpoint, other_checkpoint,  # noqa: F811
                                                                  tmp_path, capsys, holder_leaves):
-    import subprocess
-    import sys
-
+    # Another process holds the first tile's lock with a write in progress until the test's run has written
+    # the other two maps (so it is waiting for the first); then it leaves what the case says.
     names = [output_name(e.image) for e in read_list(crops)]
     made = {"the same map": tiny_checkpoint, "another checkpoint's map": other_checkpoint}.get(holder_leaves)
-    leave = "nothing"
+    leave = None
     if made:
         assert run(TEST_PY, ["--checkpoint", made, "--list_dir", crops, "--out_dir", tmp_path / "made", *FAST],
                    capsys)[0] == 0
-        leave = str(tmp_path / "made" / names[0])
+        leave = tmp_path / "made" / names[0]
     save = tmp_path / "save"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(save), names[0], names[1], names[2], leave],
-                              cwd=repo, env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.PIPE, text=True)
+    holder = start_lock_holder(save / names[0], [save / names[1], save / names[2]], leave)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, out, err = run(TEST_PY, ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", save,

@@ -11,7 +11,7 @@ import rasterio
 
 import preparation.align
 from dataset.raster_io import raster_problem
-from tests.helpers import GEOREF_DIR, SAMPLE_DIR, mounted_tmpfs, run_main, write_geotiff
+from tests.helpers import GEOREF_DIR, SAMPLE_DIR, mounted_tmpfs, run_main, start_lock_holder, write_geotiff
 from tools.prepare_data import main
 
 NAIP = os.path.join(GEOREF_DIR, "m_3907833_nw_17_1_naip-new.tif")
@@ -90,33 +90,12 @@ def test_list_writes_nothing_when_the_split_fails(tmp_path, capsys):
     assert code == 2 and "--val_fraction 1.0" in err and not out.parent.exists()
 
 
-ALIGN_HOLDER = """
-import os, sys, time
-from dataset.files import OutputLocks
-out, go = sys.argv[1], sys.argv[2]
-locks = OutputLocks(os.path.dirname(out))
-assert locks.acquire(out, wait=False)
-in_progress = os.path.join(os.path.dirname(out), "." + os.path.basename(out) + ".w0rk1ng.tmp")
-open(in_progress, "wb").write(b"a label being written")
-print("locked", flush=True)
-deadline = time.time() + 120
-while not os.path.exists(go) and time.time() < deadline:
-    time.sleep(0.05)
-print("intact" if os.path.isfile(in_progress) else "deleted", flush=True)
-os.remove(in_progress)  # as if this run failed
-"""
-
-
 def test_a_second_align_leaves_a_label_in_progress_alone(tmp_path):
-    import subprocess
-    import sys
     import threading
     import time
 
     out, go = tmp_path / "labels" / LABEL, tmp_path / "go"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    holder = subprocess.Popen([sys.executable, "-c", ALIGN_HOLDER, str(out), str(go)], cwd=repo,
-                              env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.PIPE, text=True)
+    holder = start_lock_holder(out, [go])  # holds the label's lock, a write in progress, until go exists
     logs, failures = [], []
 
     def second_run():
