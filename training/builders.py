@@ -21,7 +21,14 @@ from dataset.errors import InputError
 from dataset.raster_io import open_raster
 from networks import load_deit_weights, resolve_pretrained
 from networks.config import get_config
-from training.chips import ChipBatch, ChipStream, StreamError, normalization_constants, normalize_on_device
+from training.chips import (
+    ChipBatch,
+    ChipStream,
+    StreamError,
+    code_pixels,
+    normalization_constants,
+    normalize_on_device,
+)
 from training.distributed import DistributedContext
 from training.logger import RunLogger
 from training.losses import RecipeLoss
@@ -162,14 +169,48 @@ def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: n
 
 
 def chip_loader(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
-                ctx: DistributedContext) -> tuple[ChipStream, torch.utils.data.DataLoader]:
+                ctx: DistributedContext, log: RunLogger) -> tuple[ChipStream, torch.utils.data.DataLoader]:
     """The chip stream of this rank and its loader (batches are made by the stream)."""
     stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=options.chips_per_tile,
                         batch_size=options.batch_size, seed=options.seed, rank=ctx.rank, world_size=ctx.world_size,
-                        retries=options.chip_retries, with_codes=needs_codes(options))
+                        retries=options.chip_retries, with_codes=needs_codes(options),
+                        focus_points=focus_points(entries, dataset, options, ctx, log),
+                        focus_share=options.focus_chips)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=options.num_workers,
                                          pin_memory=ctx.device.type == "cuda")
     return stream, loader
+
+
+#: At most this many pixels per tile are kept to centre ``--focus_chips`` chips on.
+FOCUS_POINTS_PER_TILE = 4096
+
+
+def focus_codes(dataset: DatasetDefinition) -> list[int]:
+    """The raw LR codes whose class mix holds some of the dataset's non-vegetated class (``--focus_chips``)."""
+    off = "--focus_chips 0 turns it off"
+    if not dataset.lr_mixes:
+        raise InputError(f"--focus_chips: dataset {dataset.name!r} gives no lr_mixes (the class mix of each LR code, "
+                         f"which says which codes hold the non-vegetated class; see docs/training.md); {off}")
+    if dataset.non_vegetated_class is None:
+        raise InputError(f"--focus_chips: dataset {dataset.name!r} names no non_vegetated_class (see "
+                         f"docs/training.md); {off}")
+    target = dataset.class_names.index(dataset.non_vegetated_class)
+    return np.nonzero(dataset.mix_table(with_mixes=True)[:, target] > 0)[0].tolist()
+
+
+def focus_points(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
+                 ctx: DistributedContext, log: RunLogger) -> list[np.ndarray] | None:
+    """``--focus_chips``: per tile, up to ``FOCUS_POINTS_PER_TILE`` pixels of the :func:`focus_codes`, drawn
+    from the run's seed (the same in every rank); None when off."""
+    if not options.focus_chips:
+        return None
+    codes = focus_codes(dataset)
+    rng = np.random.default_rng([options.seed, len(entries)])
+    rows = tqdm(entries, desc="finding focus pixels", unit="tile", disable=not ctx.is_main, leave=False)
+    points = [code_pixels(entry.label, codes, FOCUS_POINTS_PER_TILE, rng) for entry in rows]
+    log.info(f"focus chips (--focus_chips {options.focus_chips:g}): {sum(len(p) > 0 for p in points)} of "
+             f"{len(entries)} tiles hold LR codes {codes}; that share of their chips is centred on them")
+    return points
 
 
 def needs_codes(options: TrainOptions) -> bool:

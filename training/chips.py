@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from dataset import DatasetDefinition, TileEntry
 from dataset.errors import InputError
 from dataset.raster_io import check_same_grid, open_raster, read_window
-from training.sampling import chip_positions, epoch_order, shard, tile_rng
+from training.sampling import centre_on_points, chip_positions, epoch_order, focus_rng, shard, tile_rng
 
 TORCH_PIXEL_TYPES = ("uint8", "int8", "int16", "int32", "int64", "float32", "float64")
 
@@ -94,11 +94,14 @@ class ChipStream(torch.utils.data.IterableDataset):
         retries: extra positions drawn in place of an invalid chip (0 = published behaviour).
         with_codes: also yield the raw LR codes of each chip (for ``--label_loss mix``).
         min_batch: smallest last batch a worker emits.
+        focus_points: per tile, ``(K, 2)`` ``(row, col)`` pixels (or None) that a share ``focus_share`` of
+            its chips is centred on (:func:`training.sampling.centre_on_points`); None for uniform chips.
     """
 
     def __init__(self, entries: Sequence[TileEntry], dataset: DatasetDefinition, *, chip_size: int,
                  chips_per_tile: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 retries: int = 0, min_batch: int = 2, with_codes: bool = False) -> None:
+                 retries: int = 0, min_batch: int = 2, with_codes: bool = False,
+                 focus_points: Sequence[np.ndarray | None] | None = None, focus_share: float = 0.0) -> None:
         super().__init__()
         if batch_size < min_batch:
             raise ValueError(f"batch_size {batch_size} is below the smallest batch {min_batch}")
@@ -114,6 +117,10 @@ class ChipStream(torch.utils.data.IterableDataset):
         self.retries = int(retries)
         self.with_codes = bool(with_codes)
         self.min_batch = int(min_batch)
+        if focus_points is not None and len(focus_points) != len(self.entries):
+            raise ValueError(f"focus_points: {len(focus_points)} entries for {len(self.entries)} tiles")
+        self.focus_points = focus_points
+        self.focus_share = float(focus_share)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -171,7 +178,12 @@ class ChipStream(torch.utils.data.IterableDataset):
             if height < size or width < size:
                 return [], 0, f"{entry.image}: tile {width}x{height} is smaller than a {size} chip; skipped"
             chips, skipped = [], 0
-            for row, col in chip_positions(height, width, size, self.chips_per_tile, rng):
+            positions = chip_positions(height, width, size, self.chips_per_tile, rng)
+            points = self.focus_points[index] if self.focus_points is not None else None
+            if points is not None:
+                positions = centre_on_points(positions, points, self.focus_share, size, height, width,
+                                             focus_rng(self.seed, self.epoch, index))
+            for row, col in positions:
                 chip = self._read_chip(image_src, label_src, int(row), int(col))
                 for _ in range(self.retries):
                     if chip is not None:
@@ -209,6 +221,35 @@ class ChipStream(torch.utils.data.IterableDataset):
             skipped=int(skipped),
             codes=torch.from_numpy(np.stack([c[3] for c in chips]).astype(np.int32)) if self.with_codes else None,
         )
+
+
+#: Rows of a label read at a time when gathering focus pixels (memory stays small on large tiles).
+FOCUS_READ_ROWS = 512
+
+
+def code_pixels(path: str, codes: Sequence[int], limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``limit`` ``(row, col)`` pixels of label raster ``path`` whose code is one of ``codes``,
+    a uniform draw without replacement among all of them (``(0, 2)`` int64 when there is none).
+
+    The label is read a band of rows at a time; each matching pixel gets a random key and the
+    ``limit`` smallest keys are kept, so the draw is uniform over the tile whatever its size.
+
+    Raises:
+        InputError: the file cannot be opened or read.
+    """
+    wanted = np.asarray(sorted(set(int(c) for c in codes)))
+    keys, points = np.zeros(0), np.zeros((0, 2), dtype=np.int64)
+    with open_raster(path, "label") as src:
+        for top in range(0, src.height, FOCUS_READ_ROWS):
+            rows = min(FOCUS_READ_ROWS, src.height - top)
+            band = read_window(src, Window(0, top, src.width, rows), bands=[1])[0]
+            row, col = np.nonzero(np.isin(band, wanted))
+            keys = np.concatenate([keys, rng.random(len(row))])
+            points = np.concatenate([points, np.stack([row + top, col], axis=1).astype(np.int64)])
+            if len(keys) > limit:
+                keep = np.argpartition(keys, limit)[:limit]
+                keys, points = keys[keep], points[keep]
+    return points
 
 
 def normalization_constants(mean: Sequence[float], std: Sequence[float],

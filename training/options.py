@@ -27,7 +27,7 @@ from runtime.device import DeviceOptions
 #: but for ``max_epochs``, which may grow (the poly schedule is then re-planned; training.run_folder).
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
-                    "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
+                    "focus_chips", "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
                     "optimizer", "refine_labels", "refine_targets", "refine_balance", "refine_seeds")
 
 
@@ -68,6 +68,11 @@ class TrainOptions(DeviceOptions, TileListOptions):
     num_workers: int = option(
         help="data loader processes per training process (default: 8 as published, at most the number of CPUs)",
         default_factory=lambda: min(8, os.cpu_count() or 1), group="data", check=at_least(0))
+    focus_chips: float = option(0.0, "share of the chips of a tile holding the LR codes whose class mix includes "
+                                     "the dataset's non_vegetated_class (NLCD 21-24: developed) that are centred on "
+                                     "a random pixel of those codes, so that the rare lawns, roads and roofs of "
+                                     "developed blocks are seen more often; 0 draws every chip uniformly as "
+                                     "published (see docs/training.md)", group="data", check=between(0, 1))
     skip_label_scan: bool = option(False, "do not read every label up front to check its codes (they are still "
                                           "checked chip by chip)", group="data")
 

@@ -18,6 +18,7 @@ import numpy as np
 # Domain tags keep the streams of different purposes apart for the same (seed, epoch).
 _ORDER_STREAM = 0
 _CHIP_STREAM = 1
+_FOCUS_STREAM = 2
 
 
 def make_rng(seed: int, *keys: int) -> np.random.Generator:
@@ -79,6 +80,36 @@ def tile_rng(seed: int, epoch: int, tile_index: int) -> np.random.Generator:
     return make_rng(seed, _CHIP_STREAM, epoch, tile_index)
 
 
+def focus_rng(seed: int, epoch: int, tile_index: int) -> np.random.Generator:
+    """Generator of the focus draws of tile ``tile_index`` in ``epoch`` (a stream apart from
+    :func:`tile_rng`, so the uniform chip draws stay those of a run without focus)."""
+    return make_rng(seed, _FOCUS_STREAM, epoch, tile_index)
+
+
+def centre_on_points(positions: np.ndarray, points: np.ndarray, share: float, chip: int, height: int, width: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Chip offsets with each one, with probability ``share``, moved so that the chip is centred on a
+    random one of ``points`` (clipped to the tile).
+
+    Args:
+        positions: ``(N, 2)`` int64 chip offsets (:func:`chip_positions`).
+        points: ``(K, 2)`` ``(row, col)`` pixels to centre chips on; none leaves ``positions`` as they are.
+        share: the probability, in [0, 1].
+        chip, height, width: chip side and tile size in pixels (the tile is at least a chip).
+
+    Returns:
+        A new ``(N, 2)`` int64 array.
+    """
+    out = positions.copy()
+    if len(points) == 0 or len(out) == 0 or share <= 0:
+        return out
+    moved = np.nonzero(rng.random(len(out)) < share)[0]
+    centres = np.asarray(points, dtype=np.int64)[rng.integers(0, len(points), size=len(moved))]
+    out[moved, 0] = np.clip(centres[:, 0] - chip // 2, 0, height - chip)
+    out[moved, 1] = np.clip(centres[:, 1] - chip // 2, 0, width - chip)
+    return out
+
+
 def batches_from_chips(num_chips: int, batch_size: int, min_batch: int = 2) -> int:
     """Batches one worker forms from ``num_chips`` chips: full batches, then the remainder if it
     has at least ``min_batch`` chips (a 1-chip batch never reaches BatchNorm)."""
@@ -125,8 +156,10 @@ def published_lr(base_lr: float, batch_size: int) -> float:
 
 __all__ = [
     "batches_from_chips",
+    "centre_on_points",
     "chip_positions",
     "epoch_order",
+    "focus_rng",
     "make_rng",
     "poly_lr",
     "published_lr",

@@ -85,7 +85,7 @@ class Trainer:
             self.loss = builders.loss(options, self.dataset, self.entries, self.device, self.log)
             self.refiner = builders.label_refiner(options, self.dataset, self.entries, self.device, self.log,
                                                   self.resume_from)
-            self.stream, self.loader = builders.chip_loader(self.entries, self.dataset, options, self.ctx)
+            self.stream, self.loader = builders.chip_loader(self.entries, self.dataset, options, self.ctx, self.log)
             self.base_lr = published_lr(options.base_lr, options.batch_size)
             self.steps_per_epoch = steps_per_epoch(len(self.entries), options.chips_per_tile, options.batch_size,
                                                    self.ctx.world_size, options.num_workers)

@@ -9,8 +9,10 @@ import pytest
 
 from training.sampling import (
     batches_from_chips,
+    centre_on_points,
     chip_positions,
     epoch_order,
+    focus_rng,
     make_rng,
     poly_lr,
     published_lr,
@@ -36,6 +38,23 @@ def test_chip_positions_small_tiles():
     exact = chip_positions(224, 224, 224, 5, make_rng(0))
     assert exact.tolist() == [[0, 0]] * 5
     assert chip_positions(500, 500, 224, 0, make_rng(0)).shape == (0, 2)
+
+
+def test_centre_on_points_moves_a_share_of_the_chips_onto_the_points():
+    uniform = chip_positions(300, 200, 64, 2000, make_rng(3))
+    points = np.array([[150, 100], [5, 190], [299, 0]])
+    moved = centre_on_points(uniform, points, 0.25, 64, 300, 200, focus_rng(3, 0, 0))
+    changed = (moved != uniform).any(axis=1)
+    assert 0.2 < changed.mean() < 0.3
+    targets = {(118, 68), (0, 136), (236, 0)}  # each point's centred chip, clipped to the 300 x 200 tile
+    assert {tuple(p) for p in moved[changed].tolist()} == targets
+    assert np.array_equal(uniform, chip_positions(300, 200, 64, 2000, make_rng(3)))  # input untouched
+    assert np.array_equal(moved, centre_on_points(uniform, points, 0.25, 64, 300, 200, focus_rng(3, 0, 0)))
+    assert not np.array_equal(moved, centre_on_points(uniform, points, 0.25, 64, 300, 200, focus_rng(3, 1, 0)))
+    everywhere = centre_on_points(uniform, points, 1.0, 64, 300, 200, focus_rng(3, 0, 0))
+    assert {tuple(p) for p in everywhere.tolist()} == targets
+    for share, pts in ((0.0, points), (1.0, np.zeros((0, 2), dtype=np.int64))):
+        assert np.array_equal(centre_on_points(uniform, pts, share, 64, 300, 200, focus_rng(3, 0, 0)), uniform)
 
 
 def test_epoch_order_is_seeded_permutation():

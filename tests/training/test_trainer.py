@@ -159,7 +159,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
     # a checkpoint from before the recipe options existed trained with their published values
     older = str(tmp_path / "older.pth")
     payload = read_checkpoint(last)
-    for name in ("jitter", "gce_q", "refine_labels", "refine_targets", "refine_balance", "refine_seeds"):
+    for name in ("jitter", "gce_q", "refine_labels", "refine_targets", "refine_balance", "refine_seeds", "focus_chips"):
         del payload["train_args"][name]
     del payload["dataset"]["non_vegetated_class"]  # a definition field added later is compared only when saved
     torch.save(payload, older)
@@ -459,7 +459,8 @@ def test_mix_recipe_trains_with_codes_and_is_resume_exact(tmp_path, four_tiles):
 
 
 @pytest.mark.parametrize("recipe, flag", [({"label_loss": "mix"}, "--label_loss mix"),
-                                          ({"refine_labels": "local"}, "--refine_labels local")])
+                                          ({"refine_labels": "local"}, "--refine_labels local"),
+                                          ({"focus_chips": 0.5}, "--focus_chips")])
 def test_mix_loss_and_label_refinement_need_the_datasets_mixes(tmp_path, four_tiles, recipe, flag):
     from dataset import load_dataset
     from dataset.errors import InputError
@@ -488,6 +489,39 @@ def test_ndvi_seeds_need_a_non_vegetated_class_and_red_and_nir_bands(tmp_path, f
     recipe = dict(refine_labels="local", refine_seeds=0.1, refine_targets="hard" if change else "mix")
     with pytest.raises(InputError, match=f"--refine_seeds.*{message}.*--refine_seeds 0 turns it off"):
         Trainer(options(tmp_path, four_tiles, dataset=str(path), **recipe))
+
+
+def test_focus_chips_are_centred_on_developed_codes_and_resume_exactly(tmp_path, four_tiles):
+    from dataset.raster_io import open_raster
+
+    full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, focus_chips=1.0, chips_per_tile=4))
+    full.fit()
+    entries = read_list(four_tiles)
+    labels = []
+    for entry in entries:
+        with open_raster(entry.label) as src:
+            labels.append(src.read(1))
+    developed = [np.isin(label, [21, 22]).any() for label in labels]
+    assert developed == [True, False, False, True]  # patches 0 and 3 hold NLCD 21 / 22
+    chips = [chip for _, step, _ in full.seen for chip in step]
+    for tile, row, col in chips:
+        window = labels[tile][row:row + 32, col:col + 32]
+        assert window.shape == (32, 32)
+        if developed[tile]:  # every chip holds a developed pixel, and most are centred on one
+            assert np.isin(window, [21, 22]).any()
+    centred = [np.isin(labels[t][r + 16, c + 16], [21, 22]) for t, r, c in chips if developed[t]]
+    assert len(centred) == 16 and sum(centred) >= 12  # clipped at the tile's edge, a chip is off-centre
+    uniform = Recording(options(tmp_path / "u", four_tiles, max_epochs=2, chips_per_tile=4))
+    uniform.fit()
+    others = lambda seen: [c for _, step, _ in seen for c in step if not developed[c[0]]]  # noqa: E731
+    assert others(uniform.seen) == others(full.seen)  # the other tiles' chips are the uniform draws
+    first = str(tmp_path / "a" / "run" / "last_0.pth")
+    resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, focus_chips=1.0, chips_per_tile=4,
+                                resume=first))
+    resumed.fit()
+    assert resumed.seen == full.seen[len(full.seen) // 2:]
+    with pytest.raises(Exception, match="--focus_chips 0.0 differs"):
+        Trainer(options(tmp_path / "c", four_tiles, max_epochs=2, chips_per_tile=4, resume=first))
 
 
 def test_class_weights_come_from_the_training_labels(four_tiles):
