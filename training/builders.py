@@ -205,7 +205,7 @@ def focus_points(entries: list[TileEntry], dataset: DatasetDefinition, options: 
     if not options.focus_chips:
         return None
     codes = focus_codes(dataset)
-    rng = np.random.default_rng([options.seed, len(entries)])
+    rng = np.random.default_rng([options.seed, len(entries)])  # a stream apart from the refiner's default_rng(seed)
     rows = tqdm(entries, desc="finding focus pixels", unit="tile", disable=not ctx.is_main, leave=False)
     points = [code_pixels(entry.label, codes, FOCUS_POINTS_PER_TILE, rng) for entry in rows]
     log.info(f"focus chips (--focus_chips {options.focus_chips:g}): {sum(len(p) > 0 for p in points)} of "
