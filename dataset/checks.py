@@ -17,9 +17,7 @@ from rasterio.windows import Window
 
 from dataset import DatasetDefinition, LabelTable, TileEntry
 from dataset.errors import InputError
-from dataset.raster_io import check_bands, check_same_grid, open_raster, read_window
-
-STRIP_ROWS = 1024  # rows per windowed read when scanning a whole label raster
+from dataset.raster_io import STRIP_ROWS, check_bands, check_same_grid, open_raster, read_strips, read_window
 
 
 def label_histogram(src: rasterio.DatasetReader, strip_rows: int = STRIP_ROWS) -> tuple[np.ndarray, np.ndarray]:
@@ -30,9 +28,7 @@ def label_histogram(src: rasterio.DatasetReader, strip_rows: int = STRIP_ROWS) -
     """
     counts = np.zeros(256, dtype=np.int64) if src.dtypes[0] == "uint8" else None
     found: dict = {}
-    for row in range(0, src.height, strip_rows):
-        window = Window(0, row, src.width, min(strip_rows, src.height - row))
-        data = read_window(src, window, bands=[1])
+    for _, data in read_strips(src, strip_rows):
         if counts is not None:
             counts += np.bincount(data.ravel(), minlength=256)
         else:

@@ -54,6 +54,20 @@ def read_window(src: rasterio.DatasetReader, window: Window | None = None, bands
         raise InputError(f"{src.name}: cannot read pixels ({str(exc).splitlines()[0]})") from None
 
 
+#: Rows per windowed read when scanning a whole band (bounded memory on large tiles).
+STRIP_ROWS = 1024
+
+
+def read_strips(src: rasterio.DatasetReader, strip_rows: int = STRIP_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """Band 1 of ``src`` in strips of ``strip_rows`` full-width rows: ``(first row, (rows, width) array)``.
+
+    Raises:
+        InputError: naming the file when a strip cannot be decoded.
+    """
+    for top in range(0, src.height, strip_rows):
+        yield top, read_window(src, Window(0, top, src.width, min(strip_rows, src.height - top)), bands=[1])[0]
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Per-band ``(x - mean) / std`` computed in float64 and cast to float32 (docs/design.md §2).
 

@@ -36,7 +36,7 @@ from rasterio.windows import Window
 
 from dataset import DatasetDefinition, TileEntry
 from dataset.errors import InputError
-from dataset.raster_io import check_same_grid, open_raster, read_window
+from dataset.raster_io import STRIP_ROWS, check_same_grid, open_raster, read_strips, read_window
 from training.sampling import centre_on_points, chip_positions, epoch_order, focus_rng, shard, tile_rng
 
 TORCH_PIXEL_TYPES = ("uint8", "int8", "int16", "int32", "int64", "float32", "float64")
@@ -223,15 +223,12 @@ class ChipStream(torch.utils.data.IterableDataset):
         )
 
 
-#: Rows of a label read at a time when gathering focus pixels (memory stays small on large tiles).
-FOCUS_READ_ROWS = 512
-
-
-def code_pixels(path: str, codes: Sequence[int], limit: int, rng: np.random.Generator) -> np.ndarray:
+def code_pixels(path: str, codes: Sequence[int], limit: int, rng: np.random.Generator,
+                strip_rows: int = STRIP_ROWS) -> np.ndarray:
     """Up to ``limit`` ``(row, col)`` pixels of label raster ``path`` whose code is one of ``codes``,
     a uniform draw without replacement among all of them (``(0, 2)`` int64 when there is none).
 
-    The label is read a band of rows at a time; each matching pixel gets a random key and the
+    The label is read in strips of ``strip_rows`` rows; each matching pixel gets a random key and the
     ``limit`` smallest keys are kept, so the draw is uniform over the tile whatever its size.
 
     Raises:
@@ -240,9 +237,7 @@ def code_pixels(path: str, codes: Sequence[int], limit: int, rng: np.random.Gene
     wanted = np.asarray(sorted(set(int(c) for c in codes)))
     keys, points = np.zeros(0), np.zeros((0, 2), dtype=np.int64)
     with open_raster(path, "label") as src:
-        for top in range(0, src.height, FOCUS_READ_ROWS):
-            rows = min(FOCUS_READ_ROWS, src.height - top)
-            band = read_window(src, Window(0, top, src.width, rows), bands=[1])[0]
+        for top, band in read_strips(src, strip_rows):
             row, col = np.nonzero(np.isin(band, wanted))
             keys = np.concatenate([keys, rng.random(len(row))])
             points = np.concatenate([points, np.stack([row + top, col], axis=1).astype(np.int64)])

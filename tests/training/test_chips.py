@@ -181,23 +181,21 @@ def test_real_sample_chips():
         assert set(b.label.unique().tolist()) <= {1, 2, 3, 4}
 
 
-def test_code_pixels_draws_uniformly_among_the_pixels_of_the_codes(tmp_path, monkeypatch):
-    import training.chips
-
-    monkeypatch.setattr(training.chips, "FOCUS_READ_ROWS", 7)  # many bands of rows, merged as they are read
+def test_code_pixels_draws_uniformly_among_the_pixels_of_the_codes(tmp_path):
+    strips = {"strip_rows": 7}  # many strips of rows, merged as they are read
     label = np.full((60, 50), 41, dtype=np.uint8)
     label[:5, :] = 21  # 250 pixels at the top
     label[50:55, :] = 22  # 250 near the bottom
     label[30, 7] = 24
     path = make_tile(str(tmp_path), "coded", label=label).label
-    every = code_pixels(path, [21, 22, 24], 10_000, np.random.default_rng(0))
+    every = code_pixels(path, [21, 22, 24], 10_000, np.random.default_rng(0), **strips)
     assert every.dtype == np.int64 and sorted(map(tuple, every.tolist())) == sorted(zip(*np.nonzero(label != 41)))
-    drawn = code_pixels(path, [21, 22], 100, np.random.default_rng(0))
+    drawn = code_pixels(path, [21, 22], 100, np.random.default_rng(0), **strips)
     assert len(drawn) == len({tuple(p) for p in drawn.tolist()}) == 100
     assert np.isin(label[drawn[:, 0], drawn[:, 1]], [21, 22]).all()
     top = int((drawn[:, 0] < 5).sum())
     assert 30 <= top <= 70  # the two halves in proportion (a draw among all 500, not the first band read)
-    assert np.array_equal(drawn, code_pixels(path, [22, 21], 100, np.random.default_rng(0)))
+    assert np.array_equal(drawn, code_pixels(path, [22, 21], 100, np.random.default_rng(0), **strips))
     assert code_pixels(path, [23], 100, np.random.default_rng(0)).shape == (0, 2)
     with pytest.raises(InputError, match="missing.tif: label not found"):
         code_pixels(str(tmp_path / "missing.tif"), [21], 100, np.random.default_rng(0))
