@@ -187,15 +187,22 @@ FOCUS_POINTS_PER_TILE = 4096
 
 def focus_codes(dataset: DatasetDefinition) -> list[int]:
     """The raw LR codes whose class mix holds some of the dataset's non-vegetated class (``--focus_chips``)."""
-    off = "--focus_chips 0 turns it off"
     if not dataset.lr_mixes:
         raise InputError(f"--focus_chips: dataset {dataset.name!r} gives no lr_mixes (the class mix of each LR code, "
-                         f"which says which codes hold the non-vegetated class; see docs/training.md); {off}")
+                         "which says which codes hold the non-vegetated class; see docs/training.md); --focus_chips 0 "
+                         "turns it off")
+    _, shares = non_vegetated_shares(dataset, "--focus_chips")
+    return np.nonzero(shares > 0)[0].tolist()
+
+
+def non_vegetated_shares(dataset: DatasetDefinition, flag: str) -> tuple[int, np.ndarray]:
+    """``(index of the dataset's non_vegetated_class, (codes,) expected share of it in each raw LR code)`` for
+    option ``flag``, which needs that class (an InputError naming ``flag`` when the definition has none)."""
     if dataset.non_vegetated_class is None:
-        raise InputError(f"--focus_chips: dataset {dataset.name!r} names no non_vegetated_class (see "
-                         f"docs/training.md); {off}")
+        raise InputError(f"{flag}: dataset {dataset.name!r} names no non_vegetated_class (the class of roads, roofs "
+                         f"and bare ground; see docs/training.md); {flag} 0 turns it off")
     target = dataset.class_names.index(dataset.non_vegetated_class)
-    return np.nonzero(dataset.mix_table(with_mixes=True)[:, target] > 0)[0].tolist()
+    return target, dataset.mix_table(with_mixes=True)[:, target]
 
 
 def focus_points(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions,
@@ -271,16 +278,13 @@ def seeding_plan(options: TrainOptions, dataset: DatasetDefinition) -> dict[str,
     off = "--refine_seeds 0 turns it off"
     if options.refine_targets != "hard":
         raise InputError(f"--refine_seeds seeds hard LR targets, not --refine_targets {options.refine_targets}; {off}")
-    if dataset.non_vegetated_class is None:
-        raise InputError(f"--refine_seeds: dataset {dataset.name!r} names no non_vegetated_class (the class that "
-                         f"NDVI seeds; see docs/training.md); {off}")
+    target, shares = non_vegetated_shares(dataset, "--refine_seeds")
     missing = [band for band in ("red", "nir") if band not in dataset.bands]
     if missing:
         raise InputError(f"--refine_seeds: dataset {dataset.name!r} has no {' and no '.join(missing)} band (its bands: "
                          f"{list(dataset.bands)}), and NDVI needs both; {off}")
-    target = dataset.class_names.index(dataset.non_vegetated_class)
-    shares = torch.from_numpy(dataset.mix_table(with_mixes=True)[:, target] * options.refine_seeds)
-    return {"shares": shares, "red": dataset.bands.index("red"), "nir": dataset.bands.index("nir"), "target": target}
+    return {"shares": torch.from_numpy(shares * options.refine_seeds), "red": dataset.bands.index("red"),
+            "nir": dataset.bands.index("nir"), "target": target}
 
 
 def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions, seed: int,

@@ -524,6 +524,19 @@ def test_focus_chips_are_centred_on_developed_codes_and_resume_exactly(tmp_path,
         Trainer(options(tmp_path / "c", four_tiles, max_epochs=2, chips_per_tile=4, resume=first))
 
 
+def test_focus_chips_need_a_non_vegetated_class(tmp_path, four_tiles):
+    from dataset import load_dataset
+    from dataset.errors import InputError
+
+    definition = load_dataset("sample").to_dict()
+    del definition["non_vegetated_class"]
+    path = tmp_path / "edited.json"
+    path.write_text(__import__("json").dumps(definition))
+    with pytest.raises(InputError, match="--focus_chips: dataset 'sample' names no non_vegetated_class.*"
+                                         "--focus_chips 0 turns it off"):
+        Trainer(options(tmp_path, four_tiles, dataset=str(path), focus_chips=0.5))
+
+
 def test_class_weights_come_from_the_training_labels(four_tiles):
     from dataset import load_dataset
     from training.builders import class_weights
