@@ -148,7 +148,8 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
         log.info(f"class weights (--class_balance {options.class_balance:g}): "
                  + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
     return RecipeLoss(options.label_loss, mix_table=mix_table, mix_cell=options.mix_cell,
-                      entropy_weight=options.entropy_weight, class_weights=weights, gce_q=options.gce_q)
+                      entropy_weight=options.entropy_weight, class_weights=weights, gce_q=options.gce_q,
+                      focal_gamma=options.focal_gamma)
 
 
 def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: np.ndarray, power: float) -> np.ndarray:

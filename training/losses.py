@@ -27,7 +27,8 @@ class LossTerms(NamedTuple):
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                         weight: torch.Tensor | None = None, gce_q: float | None = None) -> torch.Tensor:
+                         weight: torch.Tensor | None = None, gce_q: float | None = None,
+                         focal_gamma: float | None = None) -> torch.Tensor:
     """Cross-entropy averaged over the pixels whose target is not ``ignore_index``; 0 when none is.
 
     Args:
@@ -38,17 +39,28 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_inde
             (Zhang and Sabuncu, NeurIPS 2018): it tends to cross-entropy as ``q -> 0`` and to the mean
             absolute error at ``q = 1``, so a pixel the network confidently disputes (a lawn inside
             a forest block) pulls less than under cross-entropy.
+        focal_gamma: None, or the focal loss ``-(1 - p_target) ** gamma * log p_target`` (Lin et al.,
+            ICCV 2017; not with ``gce_q``): pixels the network already gets right pull less, so once
+            the common classes are learnt, a rare class's pixels carry more of the gradient.
 
     Returns:
         A scalar with a graph to ``logits``. Unlike ``F.cross_entropy(reduction="mean")`` it is
         never NaN: with no valid pixel both the sum and its gradient are zero. No host sync.
     """
+    if gce_q is not None and focal_gamma is not None:
+        raise ValueError("gce_q and focal_gamma are two different losses; give one")
     valid = target != ignore_index
-    if gce_q is None:
+    if gce_q is None and focal_gamma is None:
         total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum", weight=weight)
     else:
-        log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-        per_pixel = (1.0 - torch.exp(gce_q * log_p)) / gce_q
+        # ignored pixels may hold any index (even -1): gather at a valid one, then mask them out
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        log_p = torch.log_softmax(logits.float(), dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+        if gce_q is not None:
+            per_pixel = (1.0 - torch.exp(gce_q * log_p)) / gce_q
+        else:
+            # 1 - p as -expm1(log p), floored so that (1 - p) ** gamma has a finite gradient at p = 1
+            per_pixel = -(-torch.expm1(log_p)).clamp_min(1e-12) ** focal_gamma * log_p
         if weight is not None:
             per_pixel = per_pixel * weight[target]
         total = (per_pixel * valid).sum()
@@ -67,7 +79,7 @@ def agreement_target(cnn_logits: torch.Tensor, target: torch.Tensor, ignore_inde
 def vcnet_loss(vit_logits: torch.Tensor, cnn_logits: torch.Tensor, target: torch.Tensor,
                aux_logits: torch.Tensor | None = None, *, aux_weight: float = AUX_WEIGHT,
                ignore_index: int = IGNORE_INDEX, class_weights: torch.Tensor | None = None,
-               gce_q: float | None = None) -> LossTerms:
+               gce_q: float | None = None, focal_gamma: float | None = None) -> LossTerms:
     """The published dual loss, plus the optional auxiliary term.
 
     Args:
@@ -79,13 +91,15 @@ def vcnet_loss(vit_logits: torch.Tensor, cnn_logits: torch.Tensor, target: torch
             None as published.
         gce_q: None (published), or the ``q`` of a generalised cross-entropy in place of both
             cross-entropies (``--label_loss gce``); the auxiliary term keeps cross-entropy.
+        focal_gamma: None (published), or the ``gamma`` of a focal loss in place of both
+            cross-entropies (``--label_loss focal``); the auxiliary term keeps cross-entropy.
 
     Returns:
         :class:`LossTerms`; ``total = 0.5 * cnn + 0.5 * vit (+ aux_weight * aux)``.
     """
-    cnn = masked_cross_entropy(cnn_logits, target, ignore_index, class_weights, gce_q)
+    cnn = masked_cross_entropy(cnn_logits, target, ignore_index, class_weights, gce_q, focal_gamma)
     vit = masked_cross_entropy(vit_logits, agreement_target(cnn_logits, target, ignore_index), ignore_index,
-                               class_weights, gce_q)
+                               class_weights, gce_q, focal_gamma)
     total = 0.5 * cnn + 0.5 * vit
     aux = None
     if aux_logits is not None:
@@ -153,14 +167,15 @@ class RecipeLoss:
     """The loss a recipe trains with, from the model's outputs ``(vit, cnn[, aux])``.
 
     ``label_loss="hard"`` is :func:`vcnet_loss` (published); ``"gce"`` is the same with the generalised
-    cross-entropy of exponent ``gce_q``; ``"mix"`` scores both branches with
+    cross-entropy of exponent ``gce_q``, ``"focal"`` with the focal loss of exponent ``focal_gamma``;
+    ``"mix"`` scores both branches with
     :func:`mix_loss`. ``entropy_weight`` adds the mean entropy of both branches; ``class_weights``
     weighs every term by class. The auxiliary head, when present, keeps the hard cross-entropy.
     """
 
     def __init__(self, label_loss: str = "hard", *, mix_table: torch.Tensor | None = None, mix_cell: int = 30,
                  entropy_weight: float = 0.0, class_weights: torch.Tensor | None = None,
-                 aux_weight: float = AUX_WEIGHT, gce_q: float = 0.7) -> None:
+                 aux_weight: float = AUX_WEIGHT, gce_q: float = 0.7, focal_gamma: float = 1.0) -> None:
         if label_loss == "mix" and mix_table is None:
             raise ValueError("label_loss 'mix' needs a mix table")
         self.label_loss = label_loss
@@ -170,15 +185,17 @@ class RecipeLoss:
         self.class_weights = class_weights
         self.aux_weight = aux_weight
         self.gce_q = gce_q
+        self.focal_gamma = focal_gamma
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor,
                  codes: torch.Tensor | None = None) -> LossTerms:
         vit_logits, cnn_logits = outputs[0], outputs[1]
         aux_logits = outputs[2] if len(outputs) > 2 else None
-        if self.label_loss in ("hard", "gce"):
+        if self.label_loss in ("hard", "gce", "focal"):
             terms = vcnet_loss(vit_logits, cnn_logits, target, aux_logits, aux_weight=self.aux_weight,
                                class_weights=self.class_weights,
-                               gce_q=self.gce_q if self.label_loss == "gce" else None)
+                               gce_q=self.gce_q if self.label_loss == "gce" else None,
+                               focal_gamma=self.focal_gamma if self.label_loss == "focal" else None)
         else:
             cnn = mix_loss(cnn_logits, codes, self.mix_table, self.mix_cell, self.class_weights)
             vit = mix_loss(vit_logits, codes, self.mix_table, self.mix_cell, self.class_weights)

@@ -27,7 +27,7 @@ from runtime.device import DeviceOptions
 #: but for ``max_epochs``, which may grow (the poly schedule is then re-planned; training.run_folder).
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
-                    "focus_chips", "label_loss", "mix_cell", "gce_q", "entropy_weight", "augment", "jitter", "class_balance",
+                    "focus_chips", "label_loss", "mix_cell", "gce_q", "focal_gamma", "entropy_weight", "augment", "jitter", "class_balance",
                     "optimizer", "refine_labels", "refine_targets", "refine_balance", "refine_seeds")
 
 
@@ -93,12 +93,16 @@ class TrainOptions(DeviceOptions, TileListOptions):
     label_loss: str | None = option(None, "hard: the published dual cross-entropy on the LR majority class; mix: "
                                           "each LR pixel's predicted class mix must match its code's mix (the "
                                           "dataset's lr_mixes); gce: the dual loss with the noise-robust generalised "
-                                          "cross-entropy", choices=("hard", "gce", "mix"), group="recipe",
+                                          "cross-entropy; focal: the dual loss with the focal loss",
+                                    choices=("hard", "gce", "focal", "mix"), group="recipe",
                                     none_means="the recipe's")
     mix_cell: int = option(30, "with --label_loss mix: side in pixels of the cells within which the pixels of one LR "
                                "code are pooled (about one LR pixel)", group="recipe", check=at_least(1))
     gce_q: float = option(0.7, "with --label_loss gce: the exponent q in (0, 1]; small is close to cross-entropy, 1 "
                                "is the mean absolute error", group="recipe", check=exponent_in_unit_interval)
+    focal_gamma: float = option(1.0, "with --label_loss focal: the exponent gamma > 0 of (1 - p) ** gamma, which "
+                                      "weighs down the pixels already predicted well", group="recipe",
+                                check=positive_number)
     entropy_weight: float | None = option(None, "weight of the mean per-pixel prediction entropy added to the loss "
                                                 "(commits each pixel to one class)", group="recipe",
                                           check=at_least(0), none_means="the recipe's")

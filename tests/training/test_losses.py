@@ -195,11 +195,46 @@ def test_gce_matches_its_formula_and_weighs_confident_disputes_less_than_cross_e
     assert grad_gce.abs().max() < 1e-3 * grad_ce.abs().max()
 
 
-def test_recipe_loss_gce_uses_the_dual_structure():
+def test_focal_matches_its_formula_and_weighs_well_predicted_pixels_less_than_cross_entropy():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 4, 4)
+    target = torch.randint(1, 5, (2, 4, 4))
+    target[1, 2, 3] = 0  # ignored
+    weight = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0])
+    p = torch.softmax(logits, 1).gather(1, target.unsqueeze(1)).squeeze(1)
+    per_pixel = -(1 - p) ** 2 * p.log() * weight[target] * (target != 0)
+    expected = per_pixel.sum() / (weight[target] * (target != 0)).sum()
+    assert torch.allclose(masked_cross_entropy(logits, target, weight=weight, focal_gamma=2.0), expected, atol=1e-6)
+    # gamma -> 0 is cross-entropy
+    assert math.isclose(masked_cross_entropy(logits, target, focal_gamma=1e-6).item(),
+                        masked_cross_entropy(logits, target).item(), rel_tol=1e-4)
+    # a pixel already right (p = 0.98) pulls far less against a wrong one than under cross-entropy
+    both = torch.tensor([[4.0, -4.0], [-4.0, 4.0]]).T.reshape(1, 2, 1, 2).requires_grad_()
+    label = torch.zeros(1, 1, 2, dtype=torch.long)  # right at pixel 0, wrong at pixel 1
+    grad_ce = torch.autograd.grad(masked_cross_entropy(both, label, ignore_index=-1), both)[0]
+    grad_focal = torch.autograd.grad(masked_cross_entropy(both, label, ignore_index=-1, focal_gamma=1.0), both)[0]
+    ratio_ce = grad_ce[0, 0, 0, 0].abs() / grad_ce[0, 0, 0, 1].abs()
+    ratio_focal = grad_focal[0, 0, 0, 0].abs() / grad_focal[0, 0, 0, 1].abs()
+    assert ratio_focal < 0.1 * ratio_ce
+
+
+def test_focal_gradient_is_finite_on_certain_and_ignored_pixels():
+    logits = torch.tensor([[[[200.0, 0.0]]], [[[-200.0, 0.0]]]]).permute(1, 0, 2, 3).requires_grad_()  # p = 1 at pixel 0
+    target = torch.tensor([[[0, 1]]])  # pixel 0 right and certain, pixel 1 ignored (index 1)
+    for gamma in (0.5, 1.0, 2.0):
+        loss = masked_cross_entropy(logits, target, ignore_index=1, focal_gamma=gamma)
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="give one"):
+        masked_cross_entropy(logits, target, gce_q=0.7, focal_gamma=1.0)
+
+
+@pytest.mark.parametrize("label_loss, setting", [("gce", {"gce_q": 0.5}), ("focal", {"focal_gamma": 1.5})])
+def test_recipe_loss_gce_and_focal_use_the_dual_structure(label_loss, setting):
     torch.manual_seed(1)
     vit, cnn = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
     target = torch.randint(0, 5, (2, 8, 8))
-    terms = RecipeLoss("gce", gce_q=0.5)((vit, cnn), target)
-    assert torch.allclose(terms.cnn, masked_cross_entropy(cnn, target, gce_q=0.5))
-    assert torch.allclose(terms.vit, masked_cross_entropy(vit, agreement_target(cnn, target), gce_q=0.5))
+    terms = RecipeLoss(label_loss, **setting)((vit, cnn), target)
+    assert torch.allclose(terms.cnn, masked_cross_entropy(cnn, target, **setting))
+    assert torch.allclose(terms.vit, masked_cross_entropy(vit, agreement_target(cnn, target), **setting))
     assert torch.allclose(terms.total, 0.5 * terms.cnn + 0.5 * terms.vit)

@@ -159,7 +159,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
     # a checkpoint from before the recipe options existed trained with their published values
     older = str(tmp_path / "older.pth")
     payload = read_checkpoint(last)
-    for name in ("jitter", "gce_q", "refine_labels", "refine_targets", "refine_balance", "refine_seeds", "focus_chips"):
+    for name in ("jitter", "gce_q", "focal_gamma", "refine_labels", "refine_targets", "refine_balance", "refine_seeds",
+                 "focus_chips"):
         del payload["train_args"][name]
     del payload["dataset"]["non_vegetated_class"]  # a definition field added later is compared only when saved
     torch.save(payload, older)
@@ -456,6 +457,16 @@ def test_mix_recipe_trains_with_codes_and_is_resume_exact(tmp_path, four_tiles):
     assert payload["train_args"]["label_loss"] == "mix" and payload["train_args"]["augment"] == "d4"
     with pytest.raises(Exception, match="--label_loss 'hard' differs"):
         Trainer(options(tmp_path / "c", four_tiles, max_epochs=2, resume=first, **{**recipe, "label_loss": "hard"}))
+
+
+def test_focal_loss_reaches_the_trainer_and_a_resume_must_repeat_its_gamma(tmp_path, four_tiles):
+    trainer = Trainer(options(tmp_path / "a", four_tiles, max_epochs=1, label_loss="focal", focal_gamma=2.0))
+    assert (trainer.loss.label_loss, trainer.loss.focal_gamma) == ("focal", 2.0)
+    trainer.fit()
+    last = str(tmp_path / "a" / "run" / "last.pth")
+    assert read_checkpoint(last)["train_args"]["focal_gamma"] == 2.0
+    with pytest.raises(Exception, match=r"--focal_gamma 1(\.0)? differs"):
+        Trainer(options(tmp_path / "b", four_tiles, max_epochs=2, resume=last, label_loss="focal", focal_gamma=1.0))
 
 
 @pytest.mark.parametrize("recipe, flag", [({"label_loss": "mix"}, "--label_loss mix"),
