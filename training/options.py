@@ -27,8 +27,9 @@ from runtime.device import DeviceOptions
 #: but for ``max_epochs``, which may grow (the poly schedule is then re-planned; training.run_folder).
 #: (The model config is compared as a whole.)
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
-                    "focus_chips", "label_loss", "mix_cell", "gce_q", "focal_gamma", "entropy_weight", "augment", "jitter", "class_balance",
-                    "optimizer", "refine_labels", "refine_targets", "refine_balance", "refine_seeds")
+                    "focus_chips", "label_loss", "mix_cell", "gce_q", "focal_gamma", "entropy_weight", "augment",
+                    "jitter", "class_balance", "optimizer", "refine_labels", "refine_targets", "refine_balance",
+                    "refine_seeds")
 
 
 def exponent_in_unit_interval(value: float) -> str | None:
