@@ -50,11 +50,11 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_inde
     if gce_q is not None and focal_gamma is not None:
         raise ValueError("gce_q and focal_gamma are two different losses; give one")
     valid = target != ignore_index
+    # ignored pixels may hold any index (-1, 255): look up and gather at a valid one, then mask them out
+    safe = torch.where(valid, target, torch.zeros_like(target))
     if gce_q is None and focal_gamma is None:
         total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum", weight=weight)
     else:
-        # ignored pixels may hold any index (even -1): gather at a valid one, then mask them out
-        safe = torch.where(valid, target, torch.zeros_like(target))
         log_p = torch.log_softmax(logits.float(), dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
         if gce_q is not None:
             per_pixel = (1.0 - torch.exp(gce_q * log_p)) / gce_q
@@ -62,11 +62,11 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_inde
             # 1 - p as -expm1(log p), floored so that (1 - p) ** gamma has a finite gradient at p = 1
             per_pixel = -(-torch.expm1(log_p)).clamp_min(1e-12) ** focal_gamma * log_p
         if weight is not None:
-            per_pixel = per_pixel * weight[target]
+            per_pixel = per_pixel * weight[safe]
         total = (per_pixel * valid).sum()
     if weight is None:
         return total / valid.sum().clamp_min(1)
-    return total / (weight[target] * valid).sum().clamp_min(1e-12)
+    return total / (weight[safe] * valid).sum().clamp_min(1e-12)
 
 
 def agreement_target(cnn_logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -195,6 +195,20 @@ def test_gce_matches_its_formula_and_weighs_confident_disputes_less_than_cross_e
     assert grad_gce.abs().max() < 1e-3 * grad_ce.abs().max()
 
 
+@pytest.mark.parametrize("setting", [{}, {"gce_q": 0.7}, {"focal_gamma": 1.0}])
+def test_weighted_losses_take_an_ignore_index_outside_the_classes(setting):
+    torch.manual_seed(4)
+    logits = torch.randn(1, 3, 2, 2)
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    outside = torch.tensor([[[1, 255], [2, 0]]])
+    inside = torch.tensor([[[1, 0], [2, 0]]])  # the same pixel as class 0: counted, so the loss differs
+    expected = masked_cross_entropy(logits, torch.where(outside == 255, -1, outside), ignore_index=-1,
+                                    weight=weight, **setting)
+    assert torch.allclose(masked_cross_entropy(logits, outside, ignore_index=255, weight=weight, **setting), expected)
+    assert not torch.allclose(masked_cross_entropy(logits, inside, ignore_index=255, weight=weight, **setting),
+                              expected)
+
+
 def test_focal_matches_its_formula_and_weighs_well_predicted_pixels_less_than_cross_entropy():
     torch.manual_seed(2)
     logits = torch.randn(2, 5, 4, 4)
