@@ -70,7 +70,7 @@ class TrainOptions(DeviceOptions, TileListOptions):
         help="data loader processes per training process (default: 8 as published, at most the number of CPUs)",
         default_factory=lambda: min(8, os.cpu_count() or 1), group="data", check=at_least(0))
     focus_chips: float = option(0.0, "share of the chips of a tile holding the LR codes whose class mix includes "
-                                     "the dataset's non_vegetated_class (NLCD 21-24: developed) that are centred on "
+                                     "the dataset's non_vegetated_class (NLCD: 21-24 developed, 31 barren) that are centred on "
                                      "a random pixel of those codes, so that the rare lawns, roads and roofs of "
                                      "developed blocks are seen more often; 0 draws every chip uniformly as "
                                      "published (see docs/training.md)", group="data", check=between(0, 1))
