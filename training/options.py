@@ -41,9 +41,11 @@ def exponent_in_unit_interval(value: float) -> str | None:
 #: gives each option's measured effect).
 RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
-                  "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0},
-    "robust": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
-               "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1},
+                  "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0,
+                  "focus_chips": 0.0},
+    "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
+               "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
+               "focus_chips": 0.25},
 }
 
 
@@ -69,11 +71,6 @@ class TrainOptions(DeviceOptions, TileListOptions):
     num_workers: int = option(
         help="data loader processes per training process (default: 8 as published, at most the number of CPUs)",
         default_factory=lambda: min(8, os.cpu_count() or 1), group="data", check=at_least(0))
-    focus_chips: float = option(0.0, "share of the chips of a tile holding the LR codes whose class mix includes "
-                                     "the dataset's non_vegetated_class (NLCD: 21-24 developed, 31 barren) that are centred on "
-                                     "a random pixel of those codes, so that the rare lawns, roads and roofs of "
-                                     "developed blocks are seen more often; 0 draws every chip uniformly as "
-                                     "published (see docs/training.md)", group="data", check=between(0, 1))
     skip_label_scan: bool = option(False, "do not read every label up front to check its codes (they are still "
                                           "checked chip by chip)", group="data")
 
@@ -91,6 +88,12 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                       "beat the LR labels on held-out patches, see docs/training.md); sets the "
                                       "recipe options below that are not given", choices=tuple(RECIPES),
                          group="recipe")
+    focus_chips: float | None = option(None, "share of the chips of a tile holding the LR codes whose class mix "
+                                             "includes the dataset's non_vegetated_class (NLCD: 21-24 developed, 31 "
+                                             "barren) that are centred on a random pixel of those codes, so that the "
+                                             "rare lawns, roads and roofs of developed blocks are seen more often; 0 "
+                                             "draws every chip uniformly as published (see docs/training.md)",
+                                       group="recipe", check=between(0, 1), none_means="the recipe's")
     label_loss: str | None = option(None, "hard: the published dual cross-entropy on the LR majority class; mix: "
                                           "each LR pixel's predicted class mix must match its code's mix (the "
                                           "dataset's lr_mixes); gce: the dual loss with the noise-robust generalised "

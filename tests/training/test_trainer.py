@@ -438,9 +438,10 @@ def test_recipe_presets_fill_only_what_is_not_given():
     assert (published.recipe, published.label_loss, published.entropy_weight, published.augment) == \
         ("published", "hard", 0.0, "none")
     robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
-    assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels, robust.refine_seeds) == \
-        ("hard", "none", 0.75, "local", 0.1)
-    assert published.refine_labels == "none" and published.class_balance == 0.0 and published.refine_seeds == 0.0
+    assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels, robust.refine_seeds,
+            robust.focus_chips) == ("focal", "none", 0.75, "local", 0.1, 0.25)
+    assert (published.refine_labels, published.class_balance, published.refine_seeds, published.focus_chips) == \
+        ("none", 0.0, 0.0, 0.0)
     assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
 
 
@@ -471,7 +472,8 @@ def test_focal_loss_reaches_the_trainer_and_a_resume_must_repeat_its_gamma(tmp_p
 
 @pytest.mark.parametrize("recipe, flag", [({"label_loss": "mix"}, "--label_loss mix"),
                                           ({"refine_labels": "local"}, "--refine_labels local"),
-                                          ({"focus_chips": 0.5}, "--focus_chips")])
+                                          ({"focus_chips": 0.5}, "--focus_chips"),
+                                          ({"recipe": "robust"}, "--refine_labels local")])
 def test_mix_loss_and_label_refinement_need_the_datasets_mixes(tmp_path, four_tiles, recipe, flag):
     from dataset import load_dataset
     from dataset.errors import InputError
