@@ -43,7 +43,7 @@ RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
                   "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0,
                   "focus_chips": 0.0},
-    "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
+    "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "d4", "jitter": 0.0,
                "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
                "focus_chips": 0.25},
 }
