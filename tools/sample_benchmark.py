@@ -15,12 +15,17 @@ on the same pixels. Three protocols:
   both learnt and scored: the held-out figure for a rare class that ``heldout`` cannot give.
   Same training budget (chips per half as per whole patch in ``update``).
 * ``update``: train on all eight patches and map the same patches (updating an existing map).
+* ``shifted``: the ``heldout`` folds (the same trained models, trained once when both run), with the
+  test patches' bands moved to another NAIP tile's brightness and contrast: each band linearly, so
+  that the sample's mean and spread over all its patches become those of the other tile
+  (:data:`OTHER_TILE`). Models trained on one tile are used on tiles flown on other days; this is
+  the sample's only view of how a recipe stands such a shift.
 
 Every variant runs with each ``--seeds`` value; the table gives the mean and the spread
 (sample standard deviation) over seeds. A gain smaller than the spread is not a gain. The HR
 reference is used for scoring only.
 
-Example (about 10 minutes per seed and variant, all three protocols, on a 2-core CPU)::
+Example (about 10 minutes per seed and variant, all four protocols, on a 2-core CPU)::
 
     python tools/sample_benchmark.py --seeds 1 2 3 --variant published="--recipe published" \\
         --variant robust="--recipe robust" --json runs/sample_benchmark.json
@@ -51,8 +56,16 @@ from dataset.options import add_options  # noqa: E402
 from dataset.raster_io import geotiff_profile, open_raster, read_window  # noqa: E402
 from training.options import TrainOptions  # noqa: E402
 
+#: Mean and spread per band (red, green, blue, nir) of another Chesapeake NAIP tile with the sample's
+#: cover (m_3907833_nw_17_1: 79 % tree canopy, 15 % low vegetation; the sample 81 % and 19 %), from
+#: its copy downsampled to about 25 m; darker in the visible bands than the sample (120, 132, 111, 116).
+OTHER_TILE = {"red": (94.45, 46.17), "green": (111.78, 37.63), "blue": (96.63, 31.81), "nir": (114.38, 39.02)}
+
 SAMPLE_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset", "sample",
                            "train.csv")
+
+
+PROTOCOLS = ("heldout", "halves", "update", "shifted")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,8 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a candidate: a name and the train.py flags it adds (repeat; default: published and "
                         "robust recipes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every variant (default: 1 2 3)")
-    p.add_argument("--protocols", nargs="+", choices=("heldout", "halves", "update"),
-                   default=["heldout", "halves", "update"], help="(default: all three)")
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS,
+                   default=list(PROTOCOLS), help="(default: all four; shifted adds only mapping to heldout)")
     p.add_argument("--model_config", default="tiny", help="model size (default: tiny)")
     p.add_argument("--chip_size", type=int, default=64, help="training and mapping chip (default: 64)")
     p.add_argument("--stride", type=int, default=32, help="mapping stride (default: 32)")
@@ -134,28 +147,35 @@ def write_raster(out: str, data: np.ndarray, profile: dict) -> None:
             dst.write(data)
 
 
-def train_and_map(options: TrainOptions, train: list[TileEntry], test: list[TileEntry], folder: str,
-                  stride: int) -> list[tuple[str, str]]:
-    """Train on ``train``, map ``test`` with the final weights; returns (map, HR reference) pairs."""
-    from mapping.writer import map_tile, output_name
+def train(options: TrainOptions, entries: list[TileEntry], folder: str):
+    """Train on ``entries``; returns the trainer (its final model, dataset and device)."""
     from preparation.lists import write_list
     from training.trainer import Trainer
 
     list_path = os.path.join(folder, "train.csv")
-    write_list(list_path, train, absolute=True)
+    write_list(list_path, entries, absolute=True)
     trainer = Trainer(dataclasses.replace(options, list_dir=list_path, out_dir=os.path.join(folder, "run")))
     trainer.fit()
+    return trainer
+
+
+def map_tiles(trainer, test: list[TileEntry], folder: str, chip_size: int, stride: int) -> list[tuple[str, str]]:
+    """Map ``test`` with the trainer's final weights; returns (map, HR reference) pairs."""
+    from mapping.writer import map_tile, output_name
+
     pairs = []
     for entry in test:
         out = os.path.join(folder, "maps", output_name(entry.image))
-        map_tile(trainer.model, entry.image, out, dataset=trainer.dataset, chip_size=options.chip_size, stride=stride,
+        map_tile(trainer.model, entry.image, out, dataset=trainer.dataset, chip_size=chip_size, stride=stride,
                  device=trainer.device, overwrite=True)
         pairs.append((out, entry.hr_label))
     return pairs
 
 
-def folds(entries: list[TileEntry], protocol: str, work: str) -> list[tuple[list[TileEntry], list[TileEntry]]]:
-    """(train, test) splits: two interleaved folds for ``heldout``, top against bottom halves for ``halves``
+def folds(entries: list[TileEntry], protocol: str, work: str,
+          dataset=None) -> list[tuple[list[TileEntry], list[TileEntry]]]:
+    """(train, test) splits: two interleaved folds for ``heldout`` (for ``shifted`` with the test images moved
+    to :data:`OTHER_TILE`'s radiometry by :func:`shifted_images`), top against bottom halves for ``halves``
     (written under ``work``), all-on-all for ``update``."""
     if protocol == "update":
         return [(entries, entries)]
@@ -163,7 +183,36 @@ def folds(entries: list[TileEntry], protocol: str, work: str) -> list[tuple[list
         top, bottom = zip(*(halves(e, os.path.join(work, "halves")) for e in entries))
         return [(list(top), list(bottom)), (list(bottom), list(top))]
     even, odd = entries[0::2], entries[1::2]
+    if protocol == "shifted":
+        moved = dict(zip([e.image for e in entries], shifted_images(entries, dataset, os.path.join(work, "shifted_images"))))
+        return [(even, [moved[e.image] for e in odd]), (odd, [moved[e.image] for e in even])]
     return [(even, odd), (odd, even)]
+
+
+def shifted_images(entries: list[TileEntry], dataset, folder: str) -> list[TileEntry]:
+    """``entries`` with their images moved band by band, ``(x - mean) / spread * spread' + mean'``, from the
+    mean and spread of all ``entries``' pixels to :data:`OTHER_TILE`'s; rounded and clipped to 0-255."""
+    missing = [band for band in dataset.bands if band not in OTHER_TILE]
+    if missing:
+        raise InputError(f"--protocols shifted: dataset {dataset.name!r} has bands {missing} without figures for the "
+                         f"other tile (it has {sorted(OTHER_TILE)})")
+    images = []
+    for entry in entries:
+        with open_raster(entry.image, "image") as src:
+            if src.dtypes[0] != "uint8":
+                raise InputError(f"{entry.image}: --protocols shifted needs 8-bit images, not {src.dtypes[0]}")
+            images.append((read_window(src).astype(np.float64), src.profile))
+    pixels = np.concatenate([data.reshape(data.shape[0], -1) for data, _ in images], axis=1)
+    mean, spread = pixels.mean(axis=1), pixels.std(axis=1)
+    target = np.array([OTHER_TILE[band] for band in dataset.bands])
+    gain = target[:, 1] / spread
+    out = []
+    for entry, (data, profile) in zip(entries, images):
+        moved = (data - mean[:, None, None]) * gain[:, None, None] + target[:, 0, None, None]
+        path = os.path.join(folder, os.path.basename(entry.image))
+        write_raster(path, np.clip(np.rint(moved), 0, 255).astype(np.uint8), profile)
+        out.append(dataclasses.replace(entry, image=path))
+    return out
 
 
 def halves(entry: TileEntry, folder: str) -> tuple[TileEntry, TileEntry]:
@@ -235,8 +284,9 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
     results: dict = {"settings": vars(args), "variants": {n: " ".join(f) for n, f in named.items()}, "protocols": {}}
     classes = dataset.eval_names[1:]
     header = f"{'':<28}{'mIoU':>15}{'OA':>15}" + "".join(f"{c[:14]:>15}" for c in classes)
+    trained: dict = {}
     for protocol in args.protocols:
-        splits = folds(entries, protocol, work)
+        splits = folds(entries, protocol, work, dataset)
         per_tile_chips = args.chips_per_tile * len(entries) // len(splits[0][0])
         nlcd_pairs = [(lr_label_map(e, dataset, os.path.join(work, "nlcd", protocol, str(index),
                                                              os.path.basename(e.label))), e.hr_label)
@@ -249,9 +299,13 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
                 options = train_options({**base, "seed": seed, "chips_per_tile": per_tile_chips}, flags)
                 start = time.perf_counter()
                 pairs = []
-                for index, (train, test) in enumerate(splits):
+                for index, (train_on, test) in enumerate(splits):
                     folder = os.path.join(work, protocol, name, f"seed{seed}", f"fold{index}")
-                    pairs += train_and_map(options, train, test, folder, args.stride)
+                    # shifted trains exactly as heldout: the same models, trained once
+                    key = (name, seed, tuple(e.image for e in train_on))
+                    if key not in trained:
+                        trained[key] = train(options, train_on, folder)
+                    pairs += map_tiles(trained[key], test, folder, options.chip_size, args.stride)
                 run = reference_metrics(pairs, dataset)
                 run["seed"], run["seconds"] = seed, round(time.perf_counter() - start, 1)
                 runs.append(run)

@@ -10,8 +10,9 @@ import pytest
 import rasterio
 
 from dataset import load_dataset, read_list
+from dataset.errors import InputError
 from scoring.metrics import confusion_from_arrays
-from tests.helpers import SAMPLE_LIST
+from tests.helpers import GEOREF_DIR, SAMPLE_LIST
 from tools import sample_benchmark
 
 
@@ -79,3 +80,56 @@ def test_without_work_dir_the_runs_go_to_a_temporary_folder_removed_at_the_end(m
     assert sample_benchmark.main(["--seeds", "1"]) == 0
     assert len(seen) == 1 and "vcnet_sample_benchmark_" in seen[0]
     assert not os.path.exists(seen[0])
+
+
+def test_shifted_folds_train_as_heldout_and_map_images_with_the_other_tiles_radiometry(tmp_path):
+    entries = read_list(SAMPLE_LIST)
+    dataset = load_dataset("sample")
+    heldout = sample_benchmark.folds(entries, "heldout", "unused")
+    shifted = sample_benchmark.folds(entries, "shifted", str(tmp_path), dataset)
+    moved = []
+    for (train, test), (train_shifted, test_shifted) in zip(heldout, shifted):
+        assert train_shifted == train  # the same models serve both protocols
+        for original, entry in zip(test, test_shifted):
+            assert (entry.label, entry.hr_label) == (original.label, original.hr_label)
+            assert entry.image != original.image and entry.image.startswith(str(tmp_path))
+            with rasterio.open(original.image) as a, rasterio.open(entry.image) as b:
+                before, after = a.read().astype(float), b.read()
+            assert after.dtype == np.uint8 and after.shape == before.shape
+            # band by band a rising linear map: the order of pixels' values is kept
+            flat_before, flat_after = before.reshape(4, -1), after.reshape(4, -1).astype(float)
+            for band in range(4):
+                order = np.argsort(flat_before[band], kind="stable")
+                assert np.all(np.diff(flat_after[band][order]) >= 0)
+            moved.append(after.reshape(4, -1).astype(float))
+    pixels = np.concatenate(moved, axis=1)
+    target = np.array([sample_benchmark.OTHER_TILE[band] for band in dataset.bands])
+    np.testing.assert_allclose(pixels.mean(axis=1), target[:, 0], atol=0.5)  # rounding and clipping
+    np.testing.assert_allclose(pixels.std(axis=1), target[:, 1], atol=0.5)
+
+
+def test_the_other_tiles_figures_are_those_of_its_copy_in_the_repository():
+    with rasterio.open(os.path.join(GEOREF_DIR, "m_3907833_nw_17_1_naip-new.tif")) as src:
+        pixels = src.read().reshape(src.count, -1).astype(float)
+    figures = np.array([sample_benchmark.OTHER_TILE[band] for band in ("red", "green", "blue", "nir")])
+    np.testing.assert_allclose(pixels.mean(axis=1), figures[:, 0], atol=0.01)
+    np.testing.assert_allclose(pixels.std(axis=1), figures[:, 1], atol=0.01)
+
+
+def test_shifted_protocol_reuses_the_heldout_models_and_refuses_other_bands(tmp_path, monkeypatch):
+    trained = []
+    real_train = sample_benchmark.train
+    monkeypatch.setattr(sample_benchmark, "train", lambda *a: trained.append(a[1]) or real_train(*a))
+    out = tmp_path / "bench.json"
+    assert sample_benchmark.main(["--seeds", "3", "--protocols", "heldout", "shifted", "--max_epochs", "1",
+                                  "--chips_per_tile", "1", "--batch_size", "4", "--stride", "64", "--variant",
+                                  "published=--recipe published", "--work_dir", str(tmp_path / "work"),
+                                  "--json", str(out)]) == 0
+    assert len(trained) == 2  # one model per fold, not four
+    protocols = json.loads(out.read_text())["protocols"]
+    assert protocols["shifted"]["published"]["runs"][0]["pixels"] == 8 * 256 * 256
+    assert protocols["shifted"]["NLCD (the LR labels as a map)"] == protocols["heldout"]["NLCD (the LR labels as a map)"]
+
+    three_bands = type("Definition", (), {"bands": ("red", "green", "swir"), "name": "x"})()
+    with pytest.raises(InputError, match="swir"):
+        sample_benchmark.shifted_images(read_list(SAMPLE_LIST), three_bands, str(tmp_path))
