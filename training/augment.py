@@ -37,16 +37,17 @@ def random_d4(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     return tuple(out)
 
 
-def random_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
+def random_jitter(image: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """``image * gain + offset`` per chip and band, gain in ``1 +- strength``, offset in ``+- strength``.
 
     Args:
         image: ``(B, bands, H, W)`` normalised chips (zero mean, unit spread per band).
         strength: 0 returns ``image`` unchanged.
+        generator: CPU generator of the draws (default: the global torch RNG).
     """
     if not strength:
         return image
     shape = (image.shape[0], image.shape[1], 1, 1)
-    gain = 1.0 + strength * (2.0 * torch.rand(shape) - 1.0)
-    offset = strength * (2.0 * torch.rand(shape) - 1.0)
+    gain = 1.0 + strength * (2.0 * torch.rand(shape, generator=generator) - 1.0)
+    offset = strength * (2.0 * torch.rand(shape, generator=generator) - 1.0)
     return image * gain.to(image) + offset.to(image)

@@ -21,6 +21,7 @@ from dataset.errors import InputError
 from dataset.raster_io import open_raster
 from networks import load_deit_weights, resolve_pretrained
 from networks.config import get_config
+from training.augment import random_jitter
 from training.chips import (
     ChipBatch,
     ChipStream,
@@ -266,6 +267,8 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
         agreement, pixels = agreement + stats["agreement"] / REFINE_BAGS, pixels + stats["pixels"]
     seeds = (f" (NDVI-seeded {dataset.non_vegetated_class}: --refine_seeds {options.refine_seeds:g})"
              if seeding is not None else "")
+    if options.refine_jitter:
+        seeds += f", on chips with photometric jitter {options.refine_jitter:g},"
     log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets{seeds} of "
              f"{pixels:.0f} pixels of {len(picked)} tiles; their class is their target class on "
              f"{100 * agreement:.1f}% of them")
@@ -291,8 +294,8 @@ def seeding_plan(options: TrainOptions, dataset: DatasetDefinition) -> dict[str,
 def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions, seed: int,
                  seeding: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(normalised image, target)`` batches of ``REFINE_CHIPS_PER_TILE`` chips per tile, drawn with ``seed``,
-    one batch at a time; targets are LR classes (NDVI-seeded with ``seeding``, see :func:`seeding_plan`), or
-    class mixes with ``--refine_targets mix``."""
+    one batch at a time, with ``--refine_jitter``'s photometric jitter drawn from ``seed``; targets are LR classes
+    (NDVI-seeded with ``seeding``, see :func:`seeding_plan`), or class mixes with ``--refine_targets mix``."""
     mixes = options.refine_targets == "mix"
     stream = ChipStream(entries, dataset, chip_size=options.chip_size, chips_per_tile=REFINE_CHIPS_PER_TILE,
                         batch_size=options.batch_size, seed=seed, retries=options.chip_retries,
@@ -300,6 +303,7 @@ def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: 
     stream.set_epoch(0)
     scale, shift = normalization_constants(dataset.mean, dataset.std, torch.device("cpu"))
     mix_table = torch.from_numpy(dataset.mix_table(with_mixes=True))
+    jitter = torch.Generator().manual_seed(seed)  # --refine_jitter's draws, apart from the chips'
     for item in stream:
         if isinstance(item, StreamError):
             raise InputError(item.message)
@@ -310,7 +314,7 @@ def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: 
                 target = seed_non_vegetated(item.image, item.codes, item.label.long(), **seeding)
             else:
                 target = item.label.long()
-            yield normalize_on_device(item.image, scale, shift), target
+            yield random_jitter(normalize_on_device(item.image, scale, shift), options.refine_jitter, jitter), target
 
 
 def tile_names(entries: list[TileEntry]) -> list[str]:

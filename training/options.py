@@ -29,7 +29,7 @@ from runtime.device import DeviceOptions
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
                     "focus_chips", "label_loss", "mix_cell", "gce_q", "focal_gamma", "entropy_weight", "augment",
                     "jitter", "class_balance", "optimizer", "refine_labels", "refine_targets", "refine_balance",
-                    "refine_seeds")
+                    "refine_seeds", "refine_jitter")
 
 
 def exponent_in_unit_interval(value: float) -> str | None:
@@ -42,10 +42,10 @@ def exponent_in_unit_interval(value: float) -> str | None:
 RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
                   "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0,
-                  "focus_chips": 0.0},
+                  "refine_jitter": 0.0, "focus_chips": 0.0},
     "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "d4", "jitter": 0.0,
                "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
-               "focus_chips": 0.25},
+               "refine_jitter": 0.0, "focus_chips": 0.25},
 }
 
 
@@ -139,6 +139,11 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                               "dataset's non_vegetated_class (roads, roofs, bare ground); 0 is off. "
                                               "Needs red and nir bands", group="recipe", check=between(0, 1),
                                         none_means="the recipe's")
+    refine_jitter: float | None = option(None, "with --refine_labels local: the local classifiers are fitted on chips "
+                                               "with photometric jitter of this strength (as --jitter: a random gain "
+                                               "in 1 +- S and offset in +- S per chip and band), so that they tell "
+                                               "classes apart by more than one flight's colours; 0 is off",
+                                         group="recipe", check=at_least(0), none_means="the recipe's")
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")

@@ -180,3 +180,29 @@ def test_ndvi_seeds_teach_the_local_model_a_class_the_labels_never_give():
     # the seeds are the road's lowest-NDVI 40 %; the classifier extends them to most of the road
     assert (road == IMPERVIOUS).float().mean() > 0.55
     assert (refined["seeded"][truth != IMPERVIOUS] == IMPERVIOUS).float().mean() < 0.02
+
+
+def test_refine_chips_jitter_each_chip_and_band_reproducibly(tmp_path):
+    from dataset import load_dataset, read_list
+    from dataset.options import parse_options
+    from tests.helpers import SAMPLE_LIST
+    from training.builders import refine_chips, seeding_plan
+    from training.options import TrainOptions
+
+    dataset, entries = load_dataset("sample"), read_list(SAMPLE_LIST)[:2]
+    args = ["--dataset", "sample", "--recipe", "robust", "--chip_size", "64", "--batch_size", "4"]
+    runs = {}
+    for name, extra in (("plain", []), ("jittered", ["--refine_jitter", "0.3"]), ("again", ["--refine_jitter", "0.3"])):
+        options = parse_options(TrainOptions, args + extra)
+        runs[name] = list(refine_chips(entries, dataset, options, seed=5, seeding=seeding_plan(options, dataset)))
+    assert parse_options(TrainOptions, args).refine_jitter == 0.0  # not in the preset (docs/training.md)
+    assert len(runs["plain"]) == len(runs["jittered"]) > 0
+    for (plain, target), (jittered, jittered_target), (again, _) in zip(runs["plain"], runs["jittered"], runs["again"]):
+        assert torch.equal(target, jittered_target)  # the same chips and targets
+        assert torch.equal(jittered, again)  # drawn from the seed
+        flat_plain, flat_jittered = plain.flatten(2), jittered.flatten(2)
+        # per chip and band, gain in 1 +- 0.3 and offset in +- 0.3: an exact affine map of the plain chip
+        gain = (flat_jittered[..., 1:] - flat_jittered[..., :1]) / (flat_plain[..., 1:] - flat_plain[..., :1])
+        spread = flat_plain[..., 1:] - flat_plain[..., :1]
+        median_gain = torch.stack([g[s.abs() > 0.5].median() for g, s in zip(gain.flatten(0, 1), spread.flatten(0, 1))])
+        assert ((median_gain - 1).abs() <= 0.3 + 1e-4).all() and median_gain.std() > 0.01

@@ -160,7 +160,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, four_tiles, capsys):
     older = str(tmp_path / "older.pth")
     payload = read_checkpoint(last)
     for name in ("jitter", "gce_q", "focal_gamma", "refine_labels", "refine_targets", "refine_balance", "refine_seeds",
-                 "focus_chips"):
+                 "refine_jitter", "focus_chips"):
         del payload["train_args"][name]
     del payload["dataset"]["non_vegetated_class"]  # a definition field added later is compared only when saved
     torch.save(payload, older)
