@@ -147,8 +147,9 @@ def write_raster(out: str, data: np.ndarray, profile: dict) -> None:
             dst.write(data)
 
 
-def train(options: TrainOptions, entries: list[TileEntry], folder: str):
-    """Train on ``entries``; returns the trainer (its final model, dataset and device)."""
+def train(options: TrainOptions, entries: list[TileEntry], folder: str) -> tuple:
+    """Train on ``entries``; returns what mapping needs: the final model, the dataset and the device (the
+    optimiser's state is let go)."""
     from preparation.lists import write_list
     from training.trainer import Trainer
 
@@ -156,18 +157,19 @@ def train(options: TrainOptions, entries: list[TileEntry], folder: str):
     write_list(list_path, entries, absolute=True)
     trainer = Trainer(dataclasses.replace(options, list_dir=list_path, out_dir=os.path.join(folder, "run")))
     trainer.fit()
-    return trainer
+    return trainer.model, trainer.dataset, trainer.device
 
 
-def map_tiles(trainer, test: list[TileEntry], folder: str, chip_size: int, stride: int) -> list[tuple[str, str]]:
-    """Map ``test`` with the trainer's final weights; returns (map, HR reference) pairs."""
+def map_tiles(trained: tuple, test: list[TileEntry], folder: str, chip_size: int, stride: int) -> list[tuple[str, str]]:
+    """Map ``test`` with :func:`train`'s model; returns (map, HR reference) pairs."""
     from mapping.writer import map_tile, output_name
 
+    model, dataset, device = trained
     pairs = []
     for entry in test:
         out = os.path.join(folder, "maps", output_name(entry.image))
-        map_tile(trainer.model, entry.image, out, dataset=trainer.dataset, chip_size=chip_size, stride=stride,
-                 device=trainer.device, overwrite=True)
+        map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride, device=device,
+                 overwrite=True)
         pairs.append((out, entry.hr_label))
     return pairs
 
@@ -284,7 +286,8 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
     results: dict = {"settings": vars(args), "variants": {n: " ".join(f) for n, f in named.items()}, "protocols": {}}
     classes = dataset.eval_names[1:]
     header = f"{'':<28}{'mIoU':>15}{'OA':>15}" + "".join(f"{c[:14]:>15}" for c in classes)
-    trained: dict = {}
+    trained: dict = {}  # heldout's models, kept for shifted (and the reverse) when both run
+    shared = {"heldout", "shifted"} if {"heldout", "shifted"} <= set(args.protocols) else set()
     for protocol in args.protocols:
         splits = folds(entries, protocol, work, dataset)
         per_tile_chips = args.chips_per_tile * len(entries) // len(splits[0][0])
@@ -301,11 +304,13 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
                 pairs = []
                 for index, (train_on, test) in enumerate(splits):
                     folder = os.path.join(work, protocol, name, f"seed{seed}", f"fold{index}")
-                    # shifted trains exactly as heldout: the same models, trained once
-                    key = (name, seed, tuple(e.image for e in train_on))
-                    if key not in trained:
-                        trained[key] = train(options, train_on, folder)
-                    pairs += map_tiles(trained[key], test, folder, options.chip_size, args.stride)
+                    key = (name, seed, index)  # shifted trains exactly as heldout: the same models, trained once
+                    model = trained.get(key) if protocol in shared else None
+                    if model is None:
+                        model = train(options, train_on, folder)
+                        if protocol in shared:
+                            trained[key] = model
+                    pairs += map_tiles(model, test, folder, options.chip_size, args.stride)
                 run = reference_metrics(pairs, dataset)
                 run["seed"], run["seconds"] = seed, round(time.perf_counter() - start, 1)
                 runs.append(run)

@@ -265,11 +265,11 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
                              "model on") from None
         members.append(member)
         agreement, pixels = agreement + stats["agreement"] / REFINE_BAGS, pixels + stats["pixels"]
-    seeds = (f" (NDVI-seeded {dataset.non_vegetated_class}: --refine_seeds {options.refine_seeds:g})"
-             if seeding is not None else "")
+    details = (f" (NDVI-seeded {dataset.non_vegetated_class}: --refine_seeds {options.refine_seeds:g})"
+               if seeding is not None else "")
     if options.refine_jitter:
-        seeds += f", on chips with photometric jitter {options.refine_jitter:g},"
-    log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets{seeds} of "
+        details += f", on chips with photometric jitter {options.refine_jitter:g},"
+    log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets{details} of "
              f"{pixels:.0f} pixels of {len(picked)} tiles; their class is their target class on "
              f"{100 * agreement:.1f}% of them")
     return LabelRefiner(BaggedLabelModel(members), allowed, device)
