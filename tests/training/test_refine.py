@@ -182,7 +182,7 @@ def test_ndvi_seeds_teach_the_local_model_a_class_the_labels_never_give():
     assert (refined["seeded"][truth != IMPERVIOUS] == IMPERVIOUS).float().mean() < 0.02
 
 
-def test_refine_chips_jitter_each_chip_and_band_reproducibly(tmp_path):
+def test_refine_chips_jitter_each_chip_and_band_reproducibly():
     from dataset import load_dataset, read_list
     from dataset.options import parse_options
     from tests.helpers import SAMPLE_LIST
