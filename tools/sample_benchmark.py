@@ -2,7 +2,7 @@
 
 Trains on the sample's NLCD labels only, maps, and scores the maps against the HR reference with
 mIoU.py's code (:func:`scoring.metrics.confusion_for_pair`), side by side with NLCD's own agreement
-on the same pixels. Three protocols:
+on the same pixels. Four protocols:
 
 * ``heldout``: two folds (even and odd patches). Each fold trains on four patches and maps the
   other four; the confusion matrices of both folds are summed, so every patch is scored once,
@@ -29,6 +29,11 @@ Example (about 10 minutes per seed and variant, all four protocols, on a 2-core 
 
     python tools/sample_benchmark.py --seeds 1 2 3 --variant published="--recipe published" \\
         --variant robust="--recipe robust" --json runs/sample_benchmark.json
+
+Seeds can run as separate processes (one per core, each with ``OMP_NUM_THREADS=1``, or on other
+machines), each with its own ``--json``; ``--merge`` then gives the table over all their seeds::
+
+    python tools/sample_benchmark.py --merge runs/seeds_1_2.json runs/seeds_3_4.json --json runs/all.json
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ SAMPLE_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 PROTOCOLS = ("heldout", "halves", "update", "shifted")
+NLCD_ROW = "NLCD (the LR labels as a map)"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=None, metavar="NAME=FLAGS",
                    help="a candidate: a name and the train.py flags it adds (repeat; default: published and "
                         "robust recipes)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every variant (default: 1 2 3)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every variant (default: 1 2 3)")
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS,
                    default=list(PROTOCOLS), help="(default: all four; shifted adds only mapping to heldout)")
     p.add_argument("--model_config", default="tiny", help="model size (default: tiny)")
@@ -90,7 +96,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=None, help="keep runs and maps here (default: a temporary folder, removed at "
                                                     "the end)")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: combine the runs of earlier --json files (the same settings and variants, "
+                        "other seeds) into one table (and --json)")
+    args = p.parse_args(argv)
+    if args.merge and (args.variant or args.seeds):
+        p.error("--merge combines finished runs; it takes no --variant or --seeds")
+    args.seeds = args.seeds or [1, 2, 3]
+    return args
 
 
 def variants(specs: list[str] | None) -> dict[str, list[str]]:
@@ -267,6 +280,8 @@ def format_row(name: str, summary: dict, classes: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge_runs(args.merge, args.json)
     named = variants(args.variant)
     dataset = load_dataset(args.dataset)
     entries = read_list(args.list_dir, required=("image_fn", "label_fn", "hr_label_fn"))
@@ -285,7 +300,6 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
                 device="cpu", save_interval=args.max_epochs, overwrite=True)
     results: dict = {"settings": vars(args), "variants": {n: " ".join(f) for n, f in named.items()}, "protocols": {}}
     classes = dataset.eval_names[1:]
-    header = f"{'':<28}{'mIoU':>15}{'OA':>15}" + "".join(f"{c[:14]:>15}" for c in classes)
     trained: dict = {}  # heldout's models, kept for shifted (and the reverse) when both run
     shared = {"heldout", "shifted"} if {"heldout", "shifted"} <= set(args.protocols) else set()
     for protocol in args.protocols:
@@ -295,7 +309,7 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
                                                              os.path.basename(e.label))), e.hr_label)
                       for index, (_, test) in enumerate(splits) for e in test]
         nlcd = reference_metrics(nlcd_pairs, dataset)
-        table = {"NLCD (the LR labels as a map)": {**nlcd, "runs": [nlcd]}}
+        table = {NLCD_ROW: {**nlcd, "runs": [nlcd]}}
         for name, flags in named.items():
             runs = []
             for seed in args.seeds:
@@ -318,14 +332,100 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
                       f"impervious IoU {run['iou']['impervious'] or 0:.3f} ({run['seconds']:.0f} s)", file=sys.stderr)
             table[name] = {**summarise(runs), "runs": runs}
         results["protocols"][protocol] = table
-        print(f"\n{protocol}: {nlcd['pixels']:,} scored pixels; mean ± std over seeds {args.seeds}; IoU of classes "
-              "present in the reference")
-        print(header)
-        for name, summary in table.items():
-            print(format_row(name, summary, classes))
-    if args.json:
-        with atomic_output(args.json) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        print_table(protocol, table, classes)
+    write_json(args.json, results)
+    return 0
+
+
+def print_table(protocol: str, table: dict, classes: Sequence[str]) -> None:
+    """One protocol's rows: NLCD's figures, then each variant's mean ± spread over its seeds (named in the row
+    when they are not every seed of the table)."""
+    seeds = {name: sorted(run["seed"] for run in summary["runs"]) for name, summary in table.items() if name != NLCD_ROW}
+    every = sorted({seed for runs in seeds.values() for seed in runs})
+    print(f"\n{protocol}: {table[NLCD_ROW]['pixels']:,} scored pixels; mean ± std over seeds {every}; IoU of classes "
+          "present in the reference")
+    print(f"{'':<28}{'mIoU':>15}{'OA':>15}" + "".join(f"{c[:14]:>15}" for c in classes))
+    for name, summary in table.items():
+        label = name if seeds.get(name, every) == every else f"{name} (seeds {' '.join(map(str, seeds[name]))})"
+        print(format_row(label, summary, classes))
+    for name in seeds:
+        print(seed_line(name, table[name]["runs"], table[NLCD_ROW], classes))
+
+
+def seed_line(name: str, runs: list[dict], nlcd: dict, classes: Sequence[str]) -> str:
+    """A variant's mIoU seed by seed, and in how many seeds each figure is above NLCD's."""
+    def above(figure):
+        return f"{sum((figure(run) or 0) > (figure(nlcd) or 0) for run in runs)}/{len(runs)}"
+
+    counts = [f"mIoU {above(lambda r: r['mean_iou'])}", f"OA {above(lambda r: r['overall_accuracy'])}"]
+    counts += [f"{c} {above(lambda r, c=c: r['iou'][c])}" for c in classes if nlcd["iou"].get(c) is not None]
+    return (f"  {name}: mIoU by seed ({' '.join(str(r['seed']) for r in runs)}) "
+            + " / ".join(f"{r['mean_iou']:.3f}" for r in runs) + "; above NLCD in " + ", ".join(counts))
+
+
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)
+
+
+#: Settings that must agree for runs from several files to be one table.
+MERGED_SETTINGS = ("model_config", "chip_size", "stride", "max_epochs", "chips_per_tile", "batch_size", "list_dir",
+                   "dataset")
+
+
+def read_results(path: str) -> dict:
+    """A ``--json`` file of this tool (an InputError naming the file otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or not {"settings", "variants", "protocols"} <= set(data):
+        raise InputError(f"{path}: not a sample_benchmark.py --json file (no settings, variants and protocols)")
+    return data
+
+
+def merge_runs(paths: Sequence[str], out: str | None) -> int:
+    """``--merge``: one table (and JSON) from the runs of several ``--json`` files of the same settings and
+    variants: each (protocol, variant) gets every seed found, once."""
+    first = read_results(paths[0])
+    flags: dict[str, str] = {}
+    nlcd: dict[str, dict] = {}
+    runs: dict[str, dict[str, dict[int, dict]]] = {}  # protocol -> variant -> seed -> run
+    for path in paths:
+        data = read_results(path)
+        for key in MERGED_SETTINGS:
+            if data["settings"].get(key) != first["settings"].get(key):
+                raise InputError(f"{path}: {key} {data['settings'].get(key)!r}, but {paths[0]} has "
+                                 f"{first['settings'].get(key)!r}: runs of other settings are not one table")
+        for name, given in data["variants"].items():
+            if flags.setdefault(name, given) != given:
+                raise InputError(f"{path}: variant {name!r} is {given!r}, in an earlier file {flags[name]!r}: give "
+                                 "variants of other flags other names")
+        for protocol, table in data["protocols"].items():
+            nlcd.setdefault(protocol, table[NLCD_ROW])
+            for name, summary in table.items():
+                if name == NLCD_ROW:
+                    continue
+                by_seed = runs.setdefault(protocol, {}).setdefault(name, {})
+                for run in summary["runs"]:
+                    if run["seed"] in by_seed:
+                        raise InputError(f"{path}: seed {run['seed']} of {name!r} ({protocol}) is already in "
+                                         "another file: merge each seed once")
+                    by_seed[run["seed"]] = run
+    merged = {"settings": {**first["settings"], "seeds": None, "merge": list(paths)}, "variants": flags,
+              "protocols": {}}
+    for protocol, by_name in runs.items():
+        table = {NLCD_ROW: nlcd[protocol]}
+        for name, by_seed in by_name.items():
+            ordered = [by_seed[seed] for seed in sorted(by_seed)]
+            table[name] = {**summarise(ordered), "runs": ordered}
+        merged["protocols"][protocol] = table
+        print_table(protocol, table, list(nlcd[protocol]["iou"]))
+    write_json(out, merged)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -133,3 +134,60 @@ def test_shifted_protocol_reuses_the_heldout_models_and_refuses_other_bands(tmp_
     three_bands = type("Definition", (), {"bands": ("red", "green", "swir"), "name": "x"})()
     with pytest.raises(InputError, match="swir"):
         sample_benchmark.shifted_images(read_list(SAMPLE_LIST), three_bands, str(tmp_path))
+
+
+def _bench_file(path, seeds, *, chip_size=64, flags="--recipe robust"):
+    """A --json file as sample_benchmark.py writes it, with made-up figures per seed."""
+    def run(seed):
+        return {"seed": seed, "mean_iou": 0.4 + seed / 100, "overall_accuracy": 0.8 + seed / 100, "pixels": 10,
+                "iou": {"water": None, "tree canopy": 0.8, "low vegetation": 0.3 + seed / 100, "impervious": 0.01 * seed}}
+    nlcd = {"mean_iou": 0.425, "overall_accuracy": 0.825, "pixels": 10,
+            "iou": {"water": None, "tree canopy": 0.85, "low vegetation": 0.335, "impervious": 0.022}}
+    runs = [run(s) for s in seeds]
+    table = {sample_benchmark.NLCD_ROW: {**nlcd, "runs": [nlcd]},
+             "robust": {**sample_benchmark.summarise(runs), "runs": runs}}
+    settings = {"model_config": "tiny", "chip_size": chip_size, "stride": 32, "max_epochs": 30, "chips_per_tile": 16,
+                "batch_size": 8, "list_dir": "x.csv", "dataset": "sample", "seeds": seeds}
+    path.write_text(json.dumps({"settings": settings, "variants": {"robust": flags}, "protocols": {"heldout": table}}))
+    return str(path)
+
+
+def test_merge_gives_the_table_over_the_seeds_of_every_file(tmp_path, capsys):
+    first, second = _bench_file(tmp_path / "a.json", [1, 2]), _bench_file(tmp_path / "b.json", [4, 3])
+    assert sample_benchmark.main(["--merge", first, second, "--json", str(tmp_path / "all.json")]) == 0
+    robust = json.loads((tmp_path / "all.json").read_text())["protocols"]["heldout"]["robust"]
+    assert [r["seed"] for r in robust["runs"]] == [1, 2, 3, 4]
+    assert robust["mean_iou"]["mean"] == pytest.approx(0.425)
+    assert robust["mean_iou"]["std"] == pytest.approx(np.std([0.41, 0.42, 0.43, 0.44], ddof=1))
+    printed = capsys.readouterr().out
+    assert "mean ± std over seeds [1, 2, 3, 4]" in printed
+    # seeds 1 and 2 are below NLCD's mIoU and OA, 3 and 4 above; tree canopy never; impervious from seed 3
+    assert ("0.410 / 0.420 / 0.430 / 0.440; above NLCD in mIoU 2/4, OA 2/4, tree canopy 0/4, low vegetation 1/4, "
+            "impervious 2/4") in printed
+
+
+@pytest.mark.parametrize("second, message", [
+    (dict(seeds=[2]), "seed 2 of 'robust' (heldout) is already in another file"),
+    (dict(seeds=[3], chip_size=128), "chip_size 128, but"),
+    (dict(seeds=[3], flags="--recipe published"), "variant 'robust' is '--recipe published', in an earlier file"),
+])
+def test_merge_refuses_runs_that_are_not_one_table(tmp_path, second, message):
+    first = _bench_file(tmp_path / "a.json", [1, 2])
+    other = _bench_file(tmp_path / "b.json", **second)
+    with pytest.raises(InputError, match=re.escape(message)) as caught:
+        sample_benchmark.main(["--merge", first, other])
+    assert "b.json" in str(caught.value)
+
+
+def test_merge_names_a_file_that_is_missing_or_not_a_benchmark(tmp_path):
+    first = _bench_file(tmp_path / "a.json", [1])
+    with pytest.raises(InputError, match="missing.json: cannot read"):
+        sample_benchmark.main(["--merge", first, str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(InputError, match="other.json: not a sample_benchmark.py --json file"):
+        sample_benchmark.main(["--merge", first, str(tmp_path / "other.json")])
+    (tmp_path / "broken.json").write_text('{"a": ')
+    with pytest.raises(InputError, match="broken.json: not a JSON file"):
+        sample_benchmark.main(["--merge", str(tmp_path / "broken.json")])
+    with pytest.raises(SystemExit):
+        sample_benchmark.main(["--merge", first, "--variant", "x=--recipe robust"])
