@@ -370,8 +370,8 @@ def write_json(path: str | None, results: dict) -> None:
 
 
 #: Settings that must agree for runs from several files to be one table.
-MERGED_SETTINGS = ("model_config", "chip_size", "stride", "max_epochs", "chips_per_tile", "batch_size", "list_dir",
-                   "dataset")
+#: (The tiles are compared by NLCD's own figures on them, not by the list's path, which names the checkout.)
+MERGED_SETTINGS = ("model_config", "chip_size", "stride", "max_epochs", "chips_per_tile", "batch_size", "dataset")
 
 
 def read_results(path: str) -> dict:
@@ -406,7 +406,10 @@ def merge_runs(paths: Sequence[str], out: str | None) -> int:
                 raise InputError(f"{path}: variant {name!r} is {given!r}, in an earlier file {flags[name]!r}: give "
                                  "variants of other flags other names")
         for protocol, table in data["protocols"].items():
-            nlcd.setdefault(protocol, table[NLCD_ROW])
+            figures = {k: table[NLCD_ROW][k] for k in ("pixels", "mean_iou", "overall_accuracy")}
+            if {k: nlcd.setdefault(protocol, table[NLCD_ROW])[k] for k in figures} != figures:
+                raise InputError(f"{path}: NLCD's {protocol} figures {figures} differ from an earlier file's: runs "
+                                 "on other tiles are not one table")
             for name, summary in table.items():
                 if name == NLCD_ROW:
                     continue

@@ -136,12 +136,12 @@ def test_shifted_protocol_reuses_the_heldout_models_and_refuses_other_bands(tmp_
         sample_benchmark.shifted_images(read_list(SAMPLE_LIST), three_bands, str(tmp_path))
 
 
-def _bench_file(path, seeds, *, chip_size=64, flags="--recipe robust"):
+def _bench_file(path, seeds, *, chip_size=64, flags="--recipe robust", nlcd_pixels=10):
     """A --json file as sample_benchmark.py writes it, with made-up figures per seed."""
     def run(seed):
         return {"seed": seed, "mean_iou": 0.4 + seed / 100, "overall_accuracy": 0.8 + seed / 100, "pixels": 10,
                 "iou": {"water": None, "tree canopy": 0.8, "low vegetation": 0.3 + seed / 100, "impervious": 0.01 * seed}}
-    nlcd = {"mean_iou": 0.425, "overall_accuracy": 0.825, "pixels": 10,
+    nlcd = {"mean_iou": 0.425, "overall_accuracy": 0.825, "pixels": nlcd_pixels,
             "iou": {"water": None, "tree canopy": 0.85, "low vegetation": 0.335, "impervious": 0.022}}
     runs = [run(s) for s in seeds]
     table = {sample_benchmark.NLCD_ROW: {**nlcd, "runs": [nlcd]},
@@ -169,6 +169,7 @@ def test_merge_gives_the_table_over_the_seeds_of_every_file(tmp_path, capsys):
 @pytest.mark.parametrize("second, message", [
     (dict(seeds=[2]), "seed 2 of 'robust' (heldout) is already in another file"),
     (dict(seeds=[3], chip_size=128), "chip_size 128, but"),
+    (dict(seeds=[3], nlcd_pixels=20), "NLCD's heldout figures {'pixels': 20"),
     (dict(seeds=[3], flags="--recipe published"), "variant 'robust' is '--recipe published', in an earlier file"),
 ])
 def test_merge_refuses_runs_that_are_not_one_table(tmp_path, second, message):
