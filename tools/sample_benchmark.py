@@ -391,12 +391,12 @@ def read_results(path: str) -> dict:
 def merge_runs(paths: Sequence[str], out: str | None) -> int:
     """``--merge``: one table (and JSON) from the runs of several ``--json`` files of the same settings and
     variants: each (protocol, variant) gets every seed found, once."""
-    first = read_results(paths[0])
+    loaded = [(path, read_results(path)) for path in paths]
+    first = loaded[0][1]
     flags: dict[str, str] = {}
     nlcd: dict[str, dict] = {}
     runs: dict[str, dict[str, dict[int, dict]]] = {}  # protocol -> variant -> seed -> run
-    for path in paths:
-        data = read_results(path)
+    for path, data in loaded:
         for key in MERGED_SETTINGS:
             if data["settings"].get(key) != first["settings"].get(key):
                 raise InputError(f"{path}: {key} {data['settings'].get(key)!r}, but {paths[0]} has "
@@ -406,8 +406,9 @@ def merge_runs(paths: Sequence[str], out: str | None) -> int:
                 raise InputError(f"{path}: variant {name!r} is {given!r}, in an earlier file {flags[name]!r}: give "
                                  "variants of other flags other names")
         for protocol, table in data["protocols"].items():
+            known = nlcd.setdefault(protocol, table[NLCD_ROW])
             figures = {k: table[NLCD_ROW][k] for k in ("pixels", "mean_iou", "overall_accuracy")}
-            if {k: nlcd.setdefault(protocol, table[NLCD_ROW])[k] for k in figures} != figures:
+            if any(known[k] != v for k, v in figures.items()):
                 raise InputError(f"{path}: NLCD's {protocol} figures {figures} differ from an earlier file's: runs "
                                  "on other tiles are not one table")
             for name, summary in table.items():
