@@ -130,11 +130,12 @@ def optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=options.base_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
-def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEntry], device: torch.device,
+def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEntry], ctx: DistributedContext,
          log: RunLogger) -> RecipeLoss:
     """The recipe's loss; ``--label_loss mix`` needs the dataset's ``lr_mixes``; ``--class_balance`` reads
     the LR label histograms of ``entries`` (each code counted as its mix under ``--label_loss mix`` or
-    ``--refine_labels local``)."""
+    ``--refine_labels local``), each rank its share of them."""
+    device = ctx.device
     mixes = options.label_loss == "mix"
     if mixes and not dataset.lr_mixes:
         raise InputError(f"--label_loss mix: dataset {dataset.name!r} gives no lr_mixes (the class mix of each "
@@ -145,7 +146,8 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
         # Refined labels hold the classes of each code's mix (the roads of a developed block), not only
         # its majority class: their shares come from the mixes, so that no class the labels may hold weighs 0.
         shares_table = dataset.mix_table(with_mixes=mixes or options.refine_labels == "local")
-        weights = torch.from_numpy(class_weights(entries, dataset, shares_table, options.class_balance)).to(device)
+        weights = class_weights(entries, dataset, shares_table, options.class_balance, ctx)
+        weights = torch.from_numpy(weights).to(device)
         log.info(f"class weights (--class_balance {options.class_balance:g}): "
                  + ", ".join(f"{n} {w:.2f}" for n, w in zip(dataset.class_names[1:], weights.tolist()[1:])))
     return RecipeLoss(options.label_loss, mix_table=mix_table, mix_cell=options.mix_cell,
@@ -153,17 +155,21 @@ def loss(options: TrainOptions, dataset: DatasetDefinition, entries: list[TileEn
                       focal_gamma=options.focal_gamma)
 
 
-def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: np.ndarray, power: float) -> np.ndarray:
+def class_weights(entries: list[TileEntry], dataset: DatasetDefinition, table: np.ndarray, power: float,
+                  ctx: DistributedContext | None = None) -> np.ndarray:
     """``(classes,)`` float32 weights ``share ** -power`` from the LR label histograms of ``entries``
     (each code counted as its ``table`` row), scaled so the average training pixel weighs 1; classes
-    that never occur weigh 0."""
-    counts = np.zeros(table.shape[0], dtype=np.float64)
-    for entry in entries:
+    that never occur weigh 0. With ``ctx`` each rank reads its share of the labels and the pixel
+    counts are summed over the ranks (integers: every rank gets the same weights, bit for bit)."""
+    counts = np.zeros(table.shape[0], dtype=np.int64)
+    for entry in ctx.my_share(entries) if ctx else entries:
         with open_raster(entry.label, "label") as src:
             codes, n = label_histogram(src)
         inside = codes < table.shape[0]
         np.add.at(counts, codes[inside].astype(np.int64), n[inside])
-    share = counts @ table.astype(np.float64)
+    if ctx:
+        counts = np.sum(ctx.gather_lists([counts]), axis=0)
+    share = counts.astype(np.float64) @ table.astype(np.float64)
     share = share / max(share.sum(), 1.0)
     weights = np.where(share > 0, np.power(np.maximum(share, 1e-12), -power), 0.0)
     weights /= max(float((share * weights).sum()), 1e-12)

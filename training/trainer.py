@@ -82,7 +82,7 @@ class Trainer:
             check_resumed_config(self.resume_from, self.model_config, options)
             self.model = builders.model(options, self.model_config, self.ctx, self.log, self.resume_from)
             self.optimizer = builders.optimizer(self.model, options)
-            self.loss = builders.loss(options, self.dataset, self.entries, self.device, self.log)
+            self.loss = builders.loss(options, self.dataset, self.entries, self.ctx, self.log)
             self.refiner = builders.label_refiner(options, self.dataset, self.entries, self.device, self.log,
                                                   self.resume_from)
             self.stream, self.loader = builders.chip_loader(self.entries, self.dataset, options, self.ctx, self.log)

@@ -97,3 +97,40 @@ def test_ddp_leaves_out_the_buffer_broadcast_only_with_sync_batchnorm(monkeypatc
     assert isinstance(captured["model"][1], torch.nn.SyncBatchNorm)
     _two_rank_context(monkeypatch, "cpu").wrap(net)
     assert captured["kwargs"] == {"device_ids": None, "broadcast_buffers": True}
+
+
+def _weights_rank_main(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    import training.builders as builders
+    from dataset import load_dataset, read_list
+    from training.distributed import DistributedContext
+
+    opened = []
+    real_open = builders.open_raster
+    builders.open_raster = lambda path, what: opened.append(os.path.basename(path)) or real_open(path, what)
+    ctx = DistributedContext("cpu", 0)
+    ctx.start()
+    try:
+        sample = load_dataset("sample")
+        entries = read_list(SAMPLE_LIST)
+        weights = builders.class_weights(entries, sample, sample.mix_table(with_mixes=True), 0.75, ctx)
+    finally:
+        ctx.close()
+    torch.save({"weights": weights, "opened": opened}, os.path.join(out, f"weights{rank}.pt"))
+
+
+def test_ranks_share_the_class_weight_reading_and_agree_with_one_process(tmp_path):
+    from dataset import load_dataset, read_list
+    from training.builders import class_weights
+
+    mp.spawn(_weights_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"weights{r}.pt", weights_only=False) for r in range(WORLD)]
+    sample = load_dataset("sample")
+    entries = read_list(SAMPLE_LIST)
+    alone = class_weights(entries, sample, sample.mix_table(with_mixes=True), 0.75)
+    labels = sorted(os.path.basename(e.label) for e in entries)
+    assert len(ranks[0]["opened"]) == len(ranks[1]["opened"]) == len(labels) // 2
+    assert sorted(ranks[0]["opened"] + ranks[1]["opened"]) == labels  # each label read once, by one rank
+    for rank in ranks:
+        assert rank["weights"].tobytes() == alone.tobytes()
