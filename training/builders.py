@@ -34,7 +34,7 @@ from training.distributed import DistributedContext
 from training.logger import RunLogger
 from training.losses import RecipeLoss
 from training.options import TrainOptions
-from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model, seed_non_vegetated
+from training.refine import BaggedLabelModel, LabelRefiner, NdviBand, fit_local_model, seed_non_vegetated
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -252,8 +252,12 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
                          "turns it off")
     seeding = seeding_plan(options, dataset)
     allowed = dataset.mix_table(with_mixes=True) > 0
+    ndvi = None
+    if options.refine_features == "ndvi":
+        red, nir = red_and_nir(dataset, "--refine_features ndvi", "--refine_features bands turns it off")
+        ndvi = NdviBand(red, nir, dataset.mean, dataset.std)
     if resume_from is not None and "label_model" in resume_from:
-        model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, REFINE_BAGS)
+        model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, REFINE_BAGS, ndvi)
         model.load_state_dict(resume_from["label_model"])
         return LabelRefiner(model, allowed, device)
     rng = np.random.default_rng(options.seed)
@@ -265,7 +269,7 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
         chips = refine_chips(picked, dataset, options, seed=options.seed + 1 + 1000 * bag, seeding=seeding)
         try:
             member, stats = fit_local_model(chips, dataset.num_classes, options.refine_balance, options.seed + bag,
-                                            chip_count=len(picked) * REFINE_CHIPS_PER_TILE)
+                                            chip_count=len(picked) * REFINE_CHIPS_PER_TILE, ndvi=ndvi)
         except ValueError:
             raise InputError("--refine_labels local: no labelled pixel in the training chips to fit the label "
                              "model on") from None
@@ -275,6 +279,8 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
                if seeding is not None else "")
     if options.refine_jitter:
         details += f", on chips with photometric jitter {options.refine_jitter:g},"
+    if ndvi is not None:
+        details += " with NDVI as one more band,"
     log.info(f"label refinement: {REFINE_BAGS} local models fitted to the {options.refine_targets} LR targets{details} of "
              f"{pixels:.0f} pixels of {len(picked)} tiles; their class is their target class on "
              f"{100 * agreement:.1f}% of them")
@@ -289,12 +295,18 @@ def seeding_plan(options: TrainOptions, dataset: DatasetDefinition) -> dict[str,
     if options.refine_targets != "hard":
         raise InputError(f"--refine_seeds seeds hard LR targets, not --refine_targets {options.refine_targets}; {off}")
     target, shares = non_vegetated_shares(dataset, "--refine_seeds")
+    red, nir = red_and_nir(dataset, "--refine_seeds", off)
+    return {"shares": torch.from_numpy(shares * options.refine_seeds), "red": red, "nir": nir, "target": target}
+
+
+def red_and_nir(dataset: DatasetDefinition, flag: str, off: str) -> tuple[int, int]:
+    """The indices of the dataset's red and nir bands, which NDVI needs (an InputError naming ``flag`` and how to
+    turn it ``off`` when one is missing)."""
     missing = [band for band in ("red", "nir") if band not in dataset.bands]
     if missing:
-        raise InputError(f"--refine_seeds: dataset {dataset.name!r} has no {' and no '.join(missing)} band (its bands: "
+        raise InputError(f"{flag}: dataset {dataset.name!r} has no {' and no '.join(missing)} band (its bands: "
                          f"{list(dataset.bands)}), and NDVI needs both; {off}")
-    return {"shares": torch.from_numpy(shares * options.refine_seeds), "red": dataset.bands.index("red"),
-            "nir": dataset.bands.index("nir"), "target": target}
+    return dataset.bands.index("red"), dataset.bands.index("nir")
 
 
 def refine_chips(entries: list[TileEntry], dataset: DatasetDefinition, options: TrainOptions, seed: int,

@@ -29,7 +29,7 @@ from runtime.device import DeviceOptions
 SCHEDULE_OPTIONS = ("max_epochs", "batch_size", "base_lr", "seed", "chip_size", "chips_per_tile", "chip_retries",
                     "focus_chips", "label_loss", "mix_cell", "gce_q", "focal_gamma", "entropy_weight", "augment",
                     "jitter", "class_balance", "optimizer", "refine_labels", "refine_targets", "refine_balance",
-                    "refine_seeds", "refine_jitter")
+                    "refine_seeds", "refine_jitter", "refine_features")
 
 
 def exponent_in_unit_interval(value: float) -> str | None:
@@ -42,10 +42,10 @@ def exponent_in_unit_interval(value: float) -> str | None:
 RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
                   "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0,
-                  "refine_jitter": 0.0, "focus_chips": 0.0},
+                  "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.0},
     "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "d4", "jitter": 0.0,
                "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
-               "refine_jitter": 0.0, "focus_chips": 0.25},
+               "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.25},
 }
 
 
@@ -144,6 +144,11 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                                "in 1 +- S and offset in +- S per chip and band), so that they tell "
                                                "classes apart by more than one flight's colours; 0 is off",
                                          group="recipe", check=at_least(0), none_means="the recipe's")
+    refine_features: str | None = option(None, "with --refine_labels local: what the local classifiers see of each "
+                                               "pixel: bands (each band, and its mean and spread over the 11 x 11 "
+                                               "neighbourhood) or ndvi (the same with NDVI as one more band, which a "
+                                               "brighter or darker flight moves less; needs red and nir bands)",
+                                         choices=("bands", "ndvi"), group="recipe", none_means="the recipe's")
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")

@@ -62,6 +62,29 @@ def ndvi(raw: torch.Tensor, red: int, nir: int) -> torch.Tensor:
     return (n - r) / (n + r).clamp_min(1e-6)
 
 
+class NdviBand(nn.Module):
+    """Appends NDVI as one more band to normalised ``(B, bands, H, W)`` images (``--refine_features ndvi``).
+
+    The raw red and NIR values are recovered from the dataset's normalisation; the index is centred
+    and scaled (``(ndvi - 0.2) / 0.2``, about unit spread over vegetated NAIP pixels) to sit beside
+    the normalised bands. A ratio of two bands, it moves less than either band when a flight is
+    brighter or darker. The constants are the dataset's, so it holds no state of its own.
+    """
+
+    CENTRE, SCALE = 0.2, 0.2
+
+    def __init__(self, red: int, nir: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.red, self.nir = red, nir
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        index = ndvi(x * self.std + self.mean, self.red, self.nir)
+        return torch.cat([x, ((index - self.CENTRE) / self.SCALE)[:, None]], dim=1)
+
+
 def seed_non_vegetated(raw: torch.Tensor, codes: torch.Tensor, label: torch.Tensor, shares: torch.Tensor,
                        red: int, nir: int, target: int) -> torch.Tensor:
     """LR labels with, in each chip, the lowest-NDVI ``shares[code]`` of each LR code's pixels set to ``target``.
@@ -88,19 +111,28 @@ def seed_non_vegetated(raw: torch.Tensor, codes: torch.Tensor, label: torch.Tens
 
 
 class LocalLabelModel(nn.Module):
-    """Per-pixel classifier of :func:`local_features` (1 x 1 convolutions: an MLP per pixel)."""
+    """Per-pixel classifier of :func:`local_features` (1 x 1 convolutions: an MLP per pixel), of the image's
+    bands and, with ``ndvi``, of its NDVI as one more band."""
 
-    def __init__(self, bands: int, classes: int, radius: int = RADIUS, hidden: int = HIDDEN) -> None:
+    def __init__(self, bands: int, classes: int, radius: int = RADIUS, hidden: int = HIDDEN,
+                 ndvi: NdviBand | None = None) -> None:
         super().__init__()
         self.radius = radius
-        self.net = nn.Sequential(nn.Conv2d(3 * bands, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, classes, 1))
+        self.ndvi = ndvi
+        inputs = 3 * (bands + (ndvi is not None))
+        self.net = nn.Sequential(nn.Conv2d(inputs, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, classes, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, F, H, W)`` per-pixel inputs of normalised ``(B, bands, H, W)`` images."""
+        return local_features(self.ndvi(x) if self.ndvi is not None else x, self.radius)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(local_features(x, self.radius))
+        return self.net(self.features(x))
 
 
 def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int, balance: float, seed: int,
-                    radius: int = RADIUS, chip_count: int | None = None) -> tuple[LocalLabelModel, dict[str, float]]:
+                    radius: int = RADIUS, chip_count: int | None = None, ndvi: NdviBand | None = None
+                    ) -> tuple[LocalLabelModel, dict[str, float]]:
     """Fit :class:`LocalLabelModel` to LR labels, on the CPU, reproducibly from ``seed``.
 
     Args:
@@ -112,6 +144,7 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
         seed: seed of the pixel draws and of the initialisation.
         chip_count: how many chips ``chips`` yields at most, so that they can be read one batch at
             a time (only the drawn pixels' features are kept); None reads them all first to count.
+        ndvi: NDVI as one more band of the features (``--refine_features ndvi``), or None.
 
     Returns:
         The model (eval mode) and figures for the log: ``pixels`` used and ``agreement``, the
@@ -122,9 +155,11 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
         chips = list(chips)
         chip_count = sum(image.shape[0] for image, _ in chips)
     per_chip = max(1, min(PIXELS_PER_CHIP, MAX_FIT_PIXELS // max(1, chip_count)))
-    features, targets = [], []
+    features, targets, bands = [], [], 0
     for image, target in chips:
-        feats = local_features(image, radius).permute(0, 2, 3, 1).reshape(-1, 3 * image.shape[1])
+        bands = image.shape[1]
+        feats = local_features(ndvi(image) if ndvi is not None else image, radius)
+        feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         soft = F.one_hot(target, classes).float() if target.dtype == torch.int64 else target.float()
         soft = soft.reshape(-1, classes)
         soft[:, IGNORE_INDEX] = 0.0
@@ -143,7 +178,7 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LocalLabelModel(x.shape[1] // 3, classes, radius)
+        model = LocalLabelModel(bands, classes, radius, ndvi=ndvi)
     head = model.net  # the per-pixel layers, applied to drawn pixels as (N, F, 1, 1) inputs
     optimizer = torch.optim.Adam(model.parameters(), lr=FIT_LR)
     for _ in range(FIT_STEPS):
@@ -170,9 +205,9 @@ class BaggedLabelModel(nn.Module):
         self.members = nn.ModuleList(members)
 
     @classmethod
-    def empty(cls, bands: int, classes: int, count: int) -> BaggedLabelModel:
+    def empty(cls, bands: int, classes: int, count: int, ndvi: NdviBand | None = None) -> BaggedLabelModel:
         """``count`` unfitted members, to load a checkpoint's state into."""
-        return cls([LocalLabelModel(bands, classes) for _ in range(count)])
+        return cls([LocalLabelModel(bands, classes, ndvi=ndvi) for _ in range(count)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)

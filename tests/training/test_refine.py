@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.refine import BaggedLabelModel, LabelRefiner, fit_local_model, local_features, ndvi, seed_non_vegetated
+from training.refine import (
+    BaggedLabelModel,
+    LabelRefiner,
+    NdviBand,
+    fit_local_model,
+    local_features,
+    ndvi,
+    seed_non_vegetated,
+)
 
 TREE, GRASS, IMPERVIOUS = 2, 3, 4
 
@@ -206,3 +214,35 @@ def test_refine_chips_jitter_each_chip_and_band_reproducibly():
         spread = flat_plain[..., 1:] - flat_plain[..., :1]
         median_gain = torch.stack([g[s.abs() > 0.5].median() for g, s in zip(gain.flatten(0, 1), spread.flatten(0, 1))])
         assert ((median_gain - 1).abs() <= 0.3 + 1e-4).all() and median_gain.std() > 0.01
+
+
+def test_ndvi_band_is_appended_from_the_raw_values_behind_the_normalised_bands():
+    raw, _, _, _ = developed_scene(2)
+    mean, std = [110.0, 120.0, 90.0, 160.0], [40.0, 45.0, 35.0, 50.0]
+    image = (raw - torch.tensor(mean).view(1, 4, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1)
+    with_ndvi = NdviBand(red=0, nir=3, mean=mean, std=std)(image)
+    assert with_ndvi.shape == (1, 5, 96, 96) and torch.equal(with_ndvi[:, :4], image)
+    assert torch.allclose(with_ndvi[:, 4], (ndvi(raw, 0, 3) - 0.2) / 0.2, atol=1e-4)
+    # a darker flight (every band x 0.7) darkens the bands, not the index
+    darker = NdviBand(0, 3, mean, std)((0.7 * raw - torch.tensor(mean).view(1, 4, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1))
+    assert torch.allclose(darker[:, 4], with_ndvi[:, 4], atol=1e-4)
+    assert (darker[:, :4] - with_ndvi[:, :4]).abs().mean() > 0.5
+
+
+def test_ndvi_members_see_15_features_and_restore_from_their_state():
+    raw, codes, label, truth = developed_scene(3)
+    band = NdviBand(0, 3, [120.0] * 4, [50.0] * 4)
+    image = (raw - 120) / 50
+    members = [fit_local_model([(image, label)], classes=5, balance=1.0, seed=seed, ndvi=band)[0] for seed in (0, 1)]
+    assert members[0].features(image).shape[1] == 15 and members[0].net[0].in_channels == 15
+    assert torch.allclose(members[0].features(image), local_features(band(image)))
+    bag = BaggedLabelModel(members)
+    plain = BaggedLabelModel([fit_local_model([(image, label)], classes=5, balance=1.0, seed=0)[0]] * 2)
+    assert bag.state_dict().keys() == plain.state_dict().keys()  # the constants are the dataset's, not state
+    restored = BaggedLabelModel.empty(4, 5, 2, ndvi=NdviBand(0, 3, [120.0] * 4, [50.0] * 4))
+    restored.load_state_dict(bag.state_dict())
+    assert torch.equal(restored(image), bag(image))
+    allowed = np.zeros((100, 5), dtype=bool)
+    allowed[41, [TREE, GRASS]] = allowed[21, [TREE, GRASS]] = True
+    refined = LabelRefiner(bag, allowed, torch.device("cpu"))(image, codes, label)
+    assert (refined == truth)[truth != IMPERVIOUS].float().mean() > 0.9

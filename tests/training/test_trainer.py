@@ -504,6 +504,19 @@ def test_ndvi_seeds_need_a_non_vegetated_class_and_red_and_nir_bands(tmp_path, f
         Trainer(options(tmp_path, four_tiles, dataset=str(path), **recipe))
 
 
+def test_ndvi_features_need_red_and_nir_bands(tmp_path, four_tiles):
+    from dataset import load_dataset
+    from dataset.errors import InputError
+
+    definition = load_dataset("sample").to_dict()
+    definition["bands"] = ["red", "green", "blue", "infrared"]
+    path = tmp_path / "edited.json"
+    path.write_text(__import__("json").dumps(definition))
+    with pytest.raises(InputError, match="--refine_features ndvi: dataset 'sample' has no nir band.*"
+                                         "--refine_features bands turns it off"):
+        Trainer(options(tmp_path, four_tiles, dataset=str(path), refine_labels="local", refine_features="ndvi"))
+
+
 def test_focus_chips_are_centred_on_developed_codes_and_resume_exactly(tmp_path, four_tiles):
     from dataset.raster_io import open_raster
 
@@ -589,14 +602,16 @@ class CountingRefiner:
         return refined
 
 
-@pytest.mark.parametrize("targets, seeds", [("hard", 0.0), ("mix", 0.0), ("hard", 0.1)])
+@pytest.mark.parametrize("targets, seeds, features", [("hard", 0.0, "bands"), ("mix", 0.0, "bands"),
+                                                     ("hard", 0.1, "bands"), ("hard", 0.1, "ndvi")])
 def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path, four_tiles, monkeypatch, targets,
-                                                                       seeds):
+                                                                       seeds, features):
     from training import builders
 
     monkeypatch.setattr(builders, "REFINE_CHIPS_PER_TILE", 2)
     monkeypatch.setattr(builders, "REFINE_BAGS", 2)
-    recipe = dict(refine_labels="local", refine_targets=targets, refine_seeds=seeds, class_balance=0.5)
+    recipe = dict(refine_labels="local", refine_targets=targets, refine_seeds=seeds, class_balance=0.5,
+                  refine_features=features)
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
     assert full.refiner is not None and full.stream.with_codes
     full.refiner = CountingRefiner(full.refiner)
@@ -606,6 +621,8 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
     payload = read_checkpoint(first)
     assert payload["train_args"]["refine_labels"] == "local"
     assert {key.split(".")[1] for key in payload["label_model"]} == {"0", "1"}  # two bagged members
+    # each band, its mean and its spread; with NDVI, of five bands
+    assert payload["label_model"]["members.0.net.0.weight"].shape[1] == (15 if features == "ndvi" else 12)
     resumed = Recording(options(tmp_path / "b", four_tiles, max_epochs=2, resume=first, **recipe))
     for saved, restored in zip(payload["label_model"].values(), resumed.refiner.model.state_dict().values()):
         assert torch.equal(saved, restored)
