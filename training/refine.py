@@ -22,6 +22,8 @@ A class that the LR labels almost never give (impervious surfaces, where few blo
 ``--refine_seeds`` the least vegetated pixels (lowest NDVI) of the codes whose mix holds some of the
 dataset's non-vegetated class are given that class in the classifiers' targets
 (:func:`seed_non_vegetated`), and the classifiers extend it to what looks like them.
+
+With ``--refine_features ndvi`` the classifiers also see NDVI as one more band (:class:`NdviBand`).
 """
 
 from __future__ import annotations
