@@ -48,11 +48,11 @@ PIXELS_PER_CHIP = 4096
 MAX_FIT_PIXELS = 2_000_000
 
 
-def local_features(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+def local_features(x: torch.Tensor, radius: int = RADIUS, ndvi: NdviBand | None = None) -> torch.Tensor:
     """``(B, 3C, H, W)``: each band, its mean and its standard deviation over the ``2r+1`` square
-    around the pixel (the part of the square inside the chip)."""
+    around the pixel (the part of the square inside the chip); with ``ndvi``, of the bands and NDVI."""
     side = 2 * radius + 1
-    x = x.float()
+    x = x.float() if ndvi is None else ndvi(x)
     mean = F.avg_pool2d(x, side, stride=1, padding=radius, count_include_pad=False)
     square = F.avg_pool2d(x * x, side, stride=1, padding=radius, count_include_pad=False)
     return torch.cat([x, mean, (square - mean * mean).clamp_min(0).sqrt()], dim=1)
@@ -126,7 +126,7 @@ class LocalLabelModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, F, H, W)`` per-pixel inputs of normalised ``(B, bands, H, W)`` images."""
-        return local_features(self.ndvi(x) if self.ndvi is not None else x, self.radius)
+        return local_features(x, self.radius, self.ndvi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.features(x))
@@ -157,10 +157,9 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
         chips = list(chips)
         chip_count = sum(image.shape[0] for image, _ in chips)
     per_chip = max(1, min(PIXELS_PER_CHIP, MAX_FIT_PIXELS // max(1, chip_count)))
-    features, targets, bands = [], [], 0
+    features, targets = [], []
     for image, target in chips:
-        bands = image.shape[1]
-        feats = local_features(ndvi(image) if ndvi is not None else image, radius)
+        feats = local_features(image, radius, ndvi)
         feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         soft = F.one_hot(target, classes).float() if target.dtype == torch.int64 else target.float()
         soft = soft.reshape(-1, classes)
@@ -180,7 +179,7 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LocalLabelModel(bands, classes, radius, ndvi=ndvi)
+        model = LocalLabelModel(x.shape[1] // 3 - (ndvi is not None), classes, radius, ndvi=ndvi)
     head = model.net  # the per-pixel layers, applied to drawn pixels as (N, F, 1, 1) inputs
     optimizer = torch.optim.Adam(model.parameters(), lr=FIT_LR)
     for _ in range(FIT_STEPS):
