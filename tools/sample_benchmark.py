@@ -59,7 +59,7 @@ from dataset.errors import InputError, run_cli  # noqa: E402
 from dataset.files import atomic_output  # noqa: E402
 from dataset.options import add_options  # noqa: E402
 from dataset.raster_io import geotiff_profile, open_raster, read_window  # noqa: E402
-from training.options import TrainOptions  # noqa: E402
+from training.options import RECIPES, TrainOptions  # noqa: E402
 
 #: Mean and spread per band (red, green, blue, nir) of another Chesapeake NAIP tile with the sample's
 #: cover (m_3907833_nw_17_1: 79 % tree canopy, 15 % low vegetation; the sample 81 % and 19 %), from
@@ -124,6 +124,12 @@ def train_options(base: dict, flags: list[str]) -> TrainOptions:
     options = TrainOptions(**{**base, **given})
     options.check()
     return options
+
+
+def recipe_options(options: TrainOptions) -> dict:
+    """The recipe options a variant trained with, its preset resolved: the same flags (``--recipe robust``)
+    mean other runs once a preset changes, so merged files are checked against these."""
+    return {name: getattr(options, name) for name in RECIPES["published"]}
 
 
 def reference_metrics(pairs: list[tuple[str, str]], dataset) -> dict:
@@ -298,7 +304,9 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
     base = dict(dataset=args.dataset, model_config=args.model_config, chip_size=args.chip_size,
                 max_epochs=args.max_epochs, batch_size=args.batch_size, num_workers=args.num_workers,
                 device="cpu", save_interval=args.max_epochs, overwrite=True)
-    results: dict = {"settings": vars(args), "variants": {n: " ".join(f) for n, f in named.items()}, "protocols": {}}
+    results: dict = {"settings": vars(args), "variants": {n: " ".join(f) for n, f in named.items()},
+                     "recipe_options": {n: recipe_options(train_options(base, f)) for n, f in named.items()},
+                     "protocols": {}}
     classes = dataset.eval_names[1:]
     trained: dict = {}  # heldout's models, kept for shifted (and the reverse) when both run
     shared = {"heldout", "shifted"} if {"heldout", "shifted"} <= set(args.protocols) else set()
@@ -394,6 +402,7 @@ def merge_runs(paths: Sequence[str], out: str | None) -> int:
     loaded = [(path, read_results(path)) for path in paths]
     first = loaded[0][1]
     flags: dict[str, str] = {}
+    recipes: dict[str, dict] = {}
     nlcd: dict[str, dict] = {}
     runs: dict[str, dict[str, dict[int, dict]]] = {}  # protocol -> variant -> seed -> run
     for path, data in loaded:
@@ -405,6 +414,13 @@ def merge_runs(paths: Sequence[str], out: str | None) -> int:
             if flags.setdefault(name, given) != given:
                 raise InputError(f"{path}: variant {name!r} is {given!r}, in an earlier file {flags[name]!r}: give "
                                  "variants of other flags other names")
+        for name, given in data.get("recipe_options", {}).items():  # absent from files of before 2026-12-06
+            earlier = recipes.setdefault(name, given)
+            changed = [f"--{key} {given.get(key)!r} (earlier {earlier.get(key)!r})" for key in sorted({*given, *earlier})
+                       if given.get(key) != earlier.get(key)]
+            if changed:
+                raise InputError(f"{path}: variant {name!r} trained with {', '.join(changed)}: its preset changed "
+                                 "between the files; give the runs of each preset their own name")
         for protocol, table in data["protocols"].items():
             known = nlcd.setdefault(protocol, table[NLCD_ROW])
             figures = {k: table[NLCD_ROW][k] for k in ("pixels", "mean_iou", "overall_accuracy")}
@@ -421,7 +437,7 @@ def merge_runs(paths: Sequence[str], out: str | None) -> int:
                                          "another file: merge each seed once")
                     by_seed[run["seed"]] = run
     merged = {"settings": {**first["settings"], "seeds": None, "merge": list(paths)}, "variants": flags,
-              "protocols": {}}
+              "recipe_options": recipes, "protocols": {}}
     for protocol, by_name in runs.items():
         table = {NLCD_ROW: nlcd[protocol]}
         for name, by_seed in by_name.items():

@@ -60,6 +60,8 @@ def test_smoke_run_reports_nlcd_and_each_variant(tmp_path, capsys):
     assert nlcd["pixels"] == 8 * 256 * 256 == cm.sum()
     assert nlcd["overall_accuracy"] == pytest.approx(np.trace(cm[:, 1:]) / cm.sum())
     assert nlcd["mean_iou"] == pytest.approx(0.401, abs=5e-4)  # water is absent from the reference: left out
+    recipe = json.loads(out.read_text())["recipe_options"]["published"]
+    assert (recipe["label_loss"], recipe["refine_labels"], recipe["refine_features"]) == ("hard", "none", "bands")
     run = result["published"]["runs"][0]
     assert run["seed"] == 3 and run["pixels"] == nlcd["pixels"] and 0 <= run["mean_iou"] <= 1
     # the halves cover the same pixels, each scored once: NLCD's figures are the same
@@ -136,7 +138,7 @@ def test_shifted_protocol_reuses_the_heldout_models_and_refuses_other_bands(tmp_
         sample_benchmark.shifted_images(read_list(SAMPLE_LIST), three_bands, str(tmp_path))
 
 
-def _bench_file(path, seeds, *, chip_size=64, flags="--recipe robust", nlcd_pixels=10):
+def _bench_file(path, seeds, *, chip_size=64, flags="--recipe robust", nlcd_pixels=10, recipe=None):
     """A --json file as sample_benchmark.py writes it, with made-up figures per seed."""
     def run(seed):
         return {"seed": seed, "mean_iou": 0.4 + seed / 100, "overall_accuracy": 0.8 + seed / 100, "pixels": 10,
@@ -148,7 +150,10 @@ def _bench_file(path, seeds, *, chip_size=64, flags="--recipe robust", nlcd_pixe
              "robust": {**sample_benchmark.summarise(runs), "runs": runs}}
     settings = {"model_config": "tiny", "chip_size": chip_size, "stride": 32, "max_epochs": 30, "chips_per_tile": 16,
                 "batch_size": 8, "list_dir": "x.csv", "dataset": "sample", "seeds": seeds}
-    path.write_text(json.dumps({"settings": settings, "variants": {"robust": flags}, "protocols": {"heldout": table}}))
+    results = {"settings": settings, "variants": {"robust": flags}, "protocols": {"heldout": table}}
+    if recipe is not None:
+        results["recipe_options"] = {"robust": recipe}
+    path.write_text(json.dumps(results))
     return str(path)
 
 
@@ -171,9 +176,12 @@ def test_merge_gives_the_table_over_the_seeds_of_every_file(tmp_path, capsys):
     (dict(seeds=[3], chip_size=128), "chip_size 128, but"),
     (dict(seeds=[3], nlcd_pixels=20), "NLCD's heldout figures {'pixels': 20"),
     (dict(seeds=[3], flags="--recipe published"), "variant 'robust' is '--recipe published', in an earlier file"),
+    # the same flags after the preset changed
+    (dict(seeds=[3], recipe={"refine_jitter": 0.08, "augment": "d4"}),
+     "variant 'robust' trained with --refine_jitter 0.08 (earlier 0.0): its preset changed"),
 ])
 def test_merge_refuses_runs_that_are_not_one_table(tmp_path, second, message):
-    first = _bench_file(tmp_path / "a.json", [1, 2])
+    first = _bench_file(tmp_path / "a.json", [1, 2], recipe={"refine_jitter": 0.0, "augment": "d4"})
     other = _bench_file(tmp_path / "b.json", **second)
     with pytest.raises(InputError, match=re.escape(message)) as caught:
         sample_benchmark.main(["--merge", first, other])
