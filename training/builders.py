@@ -254,7 +254,7 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
     allowed = dataset.mix_table(with_mixes=True) > 0
     ndvi = None
     if options.refine_features == "ndvi":
-        red, nir = red_and_nir(dataset, "--refine_features ndvi", "--refine_features bands turns it off")
+        red, nir = red_and_nir(dataset, options)
         ndvi = NdviBand(red, nir, dataset.mean, dataset.std)
     if resume_from is not None and "label_model" in resume_from:
         model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, REFINE_BAGS, ndvi)
@@ -291,21 +291,26 @@ def seeding_plan(options: TrainOptions, dataset: DatasetDefinition) -> dict[str,
     """``--refine_seeds``: the arguments of :func:`training.refine.seed_non_vegetated` (None when off)."""
     if not options.refine_seeds:
         return None
-    off = "--refine_seeds 0 turns it off"
     if options.refine_targets != "hard":
-        raise InputError(f"--refine_seeds seeds hard LR targets, not --refine_targets {options.refine_targets}; {off}")
+        raise InputError(f"--refine_seeds seeds hard LR targets, not --refine_targets {options.refine_targets}; "
+                         "--refine_seeds 0 turns it off")
     target, shares = non_vegetated_shares(dataset, "--refine_seeds")
-    red, nir = red_and_nir(dataset, "--refine_seeds", off)
+    red, nir = red_and_nir(dataset, options)
     return {"shares": torch.from_numpy(shares * options.refine_seeds), "red": red, "nir": nir, "target": target}
 
 
-def red_and_nir(dataset: DatasetDefinition, flag: str, off: str) -> tuple[int, int]:
-    """The indices of the dataset's red and nir bands, which NDVI needs (an InputError naming ``flag`` and how to
-    turn it ``off`` when one is missing)."""
+def red_and_nir(dataset: DatasetDefinition, options: TrainOptions) -> tuple[int, int]:
+    """The indices of the dataset's red and nir bands, which NDVI needs. When one is missing, an InputError
+    names every option that computes NDVI and how to turn them all off (``--recipe robust`` sets both, and a
+    3-band dataset should not have to find that out one error at a time)."""
     missing = [band for band in ("red", "nir") if band not in dataset.bands]
     if missing:
-        raise InputError(f"{flag}: dataset {dataset.name!r} has no {' and no '.join(missing)} band (its bands: "
-                         f"{list(dataset.bands)}), and NDVI needs both; {off}")
+        users = {"--refine_seeds": ("--refine_seeds 0", bool(options.refine_seeds)),
+                 "--refine_features ndvi": ("--refine_features bands", options.refine_features == "ndvi")}
+        on = {flag: off for flag, (off, used) in users.items() if used}
+        raise InputError(f"{' and '.join(on)}: dataset {dataset.name!r} has no {' and no '.join(missing)} band (its "
+                         f"bands: {list(dataset.bands)}), and NDVI needs both; {' '.join(on.values())} turns "
+                         f"{'them' if len(on) > 1 else 'it'} off")
     return dataset.bands.index("red"), dataset.bands.index("nir")
 
 

@@ -45,7 +45,7 @@ RECIPES = {
                   "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.0},
     "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "d4", "jitter": 0.0,
                "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
-               "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.25},
+               "refine_jitter": 0.08, "refine_features": "ndvi", "focus_chips": 0.25},
 }
 
 

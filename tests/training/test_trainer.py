@@ -439,9 +439,10 @@ def test_recipe_presets_fill_only_what_is_not_given():
         ("published", "hard", 0.0, "none")
     robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
     assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels, robust.refine_seeds,
-            robust.focus_chips) == ("focal", "d4", 0.75, "local", 0.1, 0.25)
-    assert (published.refine_labels, published.class_balance, published.refine_seeds, published.focus_chips) == \
-        ("none", 0.0, 0.0, 0.0)
+            robust.refine_jitter, robust.refine_features, robust.focus_chips) == \
+        ("focal", "d4", 0.75, "local", 0.1, 0.08, "ndvi", 0.25)
+    assert (published.refine_labels, published.class_balance, published.refine_seeds, published.refine_jitter,
+            published.refine_features, published.focus_chips) == ("none", 0.0, 0.0, 0.0, "bands", 0.0)
     assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
 
 
@@ -504,7 +505,13 @@ def test_ndvi_seeds_need_a_non_vegetated_class_and_red_and_nir_bands(tmp_path, f
         Trainer(options(tmp_path, four_tiles, dataset=str(path), **recipe))
 
 
-def test_ndvi_features_need_red_and_nir_bands(tmp_path, four_tiles):
+@pytest.mark.parametrize("recipe, flags, off", [
+    (dict(refine_labels="local", refine_features="ndvi"), "--refine_features ndvi",
+     "--refine_features bands turns it off"),
+    # the preset computes NDVI twice over: one error names both options
+    (dict(recipe="robust"), "--refine_seeds and --refine_features ndvi",
+     "--refine_seeds 0 --refine_features bands turns them off")])
+def test_ndvi_features_need_red_and_nir_bands(tmp_path, four_tiles, recipe, flags, off):
     from dataset import load_dataset
     from dataset.errors import InputError
 
@@ -512,9 +519,8 @@ def test_ndvi_features_need_red_and_nir_bands(tmp_path, four_tiles):
     definition["bands"] = ["red", "green", "blue", "infrared"]
     path = tmp_path / "edited.json"
     path.write_text(__import__("json").dumps(definition))
-    with pytest.raises(InputError, match="--refine_features ndvi: dataset 'sample' has no nir band.*"
-                                         "--refine_features bands turns it off"):
-        Trainer(options(tmp_path, four_tiles, dataset=str(path), refine_labels="local", refine_features="ndvi"))
+    with pytest.raises(InputError, match=f"^{flags}: dataset 'sample' has no nir band.*{off}$"):
+        Trainer(options(tmp_path, four_tiles, dataset=str(path), **recipe))
 
 
 def test_focus_chips_are_centred_on_developed_codes_and_resume_exactly(tmp_path, four_tiles):
