@@ -216,3 +216,15 @@ def test_every_numeric_option_has_a_check(cls):
     unchecked = [f.name for f in dataclasses.fields(cls)
                  if _value_type(hints[f.name])[0] in (int, float) and _metadata(cls, f.name).get("check") is None]
     assert not unchecked, f"numeric options without a check: {unchecked}"
+
+
+def test_every_training_flag_is_in_the_docs_flag_table():
+    """docs/training.md "Every flag" lists every option of train.py (a flag added without a row is a flag users
+    cannot find)."""
+    text = open(os.path.join(REPO_ROOT, "docs", "training.md"), encoding="utf-8").read()
+    table = text.split("## Every flag", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `--")}
+    listed = {flag for row in rows for flag in re.findall(r"`--(\w+)`", row)}
+    missing = [field.name for field in dataclasses.fields(TrainOptions) if field.name not in listed]
+    assert not missing, f"train.py flags without a row in docs/training.md's flag table: {missing}"
+
