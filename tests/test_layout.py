@@ -227,4 +227,3 @@ def test_every_training_flag_is_in_the_docs_flag_table():
     listed = {flag for row in rows for flag in re.findall(r"`--(\w+)`", row)}
     missing = [field.name for field in dataclasses.fields(TrainOptions) if field.name not in listed]
     assert not missing, f"train.py flags without a row in docs/training.md's flag table: {missing}"
-
