@@ -18,6 +18,7 @@ process maps every N-th tile from the K-th, and torchrun ranks split that shard 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -28,13 +29,13 @@ import torch
 from dataset import TileEntry, load_dataset
 from dataset.checks import imagery_scale_warning
 from dataset.errors import InputError
-from dataset.files import check_output_folder, file_sha256, locked_in_turn, remove_stale_temporaries
+from dataset.files import check_output_folder, locked_in_turn, remove_stale_temporaries
 from dataset.raster_io import check_bands, open_raster
 from mapping.options import MapOptions
 from mapping.overviews import OVERVIEW_MIN_SIZE
 from mapping.preview import write_preview
 from mapping.writer import describe_provenance, map_provenance, map_tile, output_name, output_state, probs_name
-from networks import load_model
+from networks import model_from_checkpoint, read_checkpoint
 from runtime.device import distributed_rank, prepare_device, resolve_device
 
 
@@ -188,9 +189,11 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
     device = resolve_device(options.device, options.gpu)
     check_output_folder(options.out_dir, "--out_dir")
     prepare_device(device)
-    model = load_model(options.checkpoint, device=device)
+    digest = hashlib.sha256()  # of the very bytes loaded (the maps' provenance)
+    model = model_from_checkpoint(read_checkpoint(options.checkpoint, digest=digest), device=device,
+                                  where=options.checkpoint)
     dataset = select_dataset(model.dataset, options.dataset)
-    provenance = map_provenance(file_sha256(options.checkpoint), dataset.name, options.chip_size, options.stride)
+    provenance = map_provenance(digest.hexdigest(), dataset.name, options.chip_size, options.stride)
     _, entries = options.read_list(dataset, required=("image_fn",))
     rank, world, _ = distributed_rank()
     entries = tile_share(entries, options.shard_index, rank, world)

@@ -69,8 +69,11 @@ def load_failure(exc: Exception) -> str:
         "corrupt, or not a torch file"
 
 
-def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str, map_location: str | torch.device = "cpu", digest: Any = None) -> dict[str, Any]:
     """Read and validate a project checkpoint (no pickled code is executed).
+
+    ``digest`` (a ``hashlib`` object), if given, is fed the file's bytes from the same open file that is
+    loaded, so the hash is that of the weights read even if the file is replaced meanwhile.
 
     Raises:
         InputError: missing file, unreadable file, or a file that is not a project checkpoint
@@ -79,7 +82,14 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not os.path.isfile(path):
         raise InputError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as fh:
+            if digest is not None:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+                fh.seek(0)
+            payload = torch.load(fh, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         raise InputError(f"{path}: cannot read checkpoint: not a VCNet checkpoint ({load_failure(exc)}); "
                          f"{CONVERT_HINT}") from None

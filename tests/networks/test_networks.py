@@ -155,6 +155,29 @@ def test_checkpoint_round_trip(tmp_path, tiny_model):
     assert not [p for p in tmp_path.iterdir() if p.name != "model.pth"], "temporary file left behind"
 
 
+def test_checkpoint_digest_is_of_the_bytes_loaded_even_if_the_file_is_replaced(tmp_path, tiny_model, monkeypatch):
+    import hashlib
+    import os
+
+    from dataset.files import file_sha256
+
+    path, other = str(tmp_path / "model.pth"), str(tmp_path / "other.pth")
+    for where, epoch in ((path, 3), (other, 4)):
+        save_checkpoint(where, model=tiny_model, model_config=get_tiny_config(), dataset=load_dataset("sample"),
+                        epoch=epoch)
+    first = file_sha256(path)
+    torch_load = torch.load
+
+    def replaced_while_loading(*args, **kwargs):  # another run renames a new checkpoint into place meanwhile
+        os.replace(other, path)
+        return torch_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", replaced_while_loading)
+    digest = hashlib.sha256()
+    payload = read_checkpoint(path, digest=digest)
+    assert payload["epoch"] == 3 and digest.hexdigest() == first != file_sha256(path)
+
+
 class NotPlainData:
     pass
 
