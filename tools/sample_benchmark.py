@@ -59,6 +59,7 @@ from dataset.errors import InputError, run_cli  # noqa: E402
 from dataset.files import atomic_output  # noqa: E402
 from dataset.options import add_options  # noqa: E402
 from dataset.raster_io import geotiff_profile, open_raster, read_window  # noqa: E402
+from scoring.significance import fisher_exact_p, signed_rank_p_greater  # noqa: E402
 from training.options import RECIPES, TrainOptions  # noqa: E402
 
 #: Mean and spread per band (red, green, blue, nir) of another Chesapeake NAIP tile with the sample's
@@ -99,6 +100,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="train nothing: combine the runs of earlier --json files (the same settings and variants, "
                         "other seeds) into one table (and --json)")
+    p.add_argument("--compare", default=None, metavar="BASE",
+                   help="after the tables, every other variant against BASE in pairs of runs of the same seed and "
+                        "protocol: mean mIoU difference, pairs higher, one-sided Wilcoxon signed-rank p (per "
+                        "protocol and pooled), and per class the runs above NLCD's IoU with a two-sided Fisher p")
     args = p.parse_args(argv)
     if args.merge and (args.variant or args.seeds):
         p.error("--merge combines finished runs; it takes no --variant or --seeds")
@@ -287,7 +292,7 @@ def format_row(name: str, summary: dict, classes: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge:
-        return merge_runs(args.merge, args.json)
+        return merge_runs(args.merge, args.json, args.compare)
     named = variants(args.variant)
     dataset = load_dataset(args.dataset)
     entries = read_list(args.list_dir, required=("image_fn", "label_fn", "hr_label_fn"))
@@ -341,6 +346,8 @@ def run_benchmark(args: argparse.Namespace, named: dict[str, list[str]], dataset
             table[name] = {**summarise(runs), "runs": runs}
         results["protocols"][protocol] = table
         print_table(protocol, table, classes)
+    if args.compare:
+        results["comparisons"] = print_comparisons(results["protocols"], args.compare)
     write_json(args.json, results)
     return 0
 
@@ -358,6 +365,61 @@ def print_table(protocol: str, table: dict, classes: Sequence[str]) -> None:
         print(format_row(label, summary, classes))
     for name in seeds:
         print(seed_line(name, table[name]["runs"], table[NLCD_ROW], classes))
+
+
+def compare_variant(protocols: dict, name: str, base: str) -> dict:
+    """``name`` against ``base`` in pairs of runs with the same protocol and seed: per protocol and pooled, the
+    mean mIoU difference, the pairs where ``name`` is higher and the one-sided signed-rank p that it is; per
+    class present, in how many of the paired runs each is above NLCD's IoU, and the two-sided Fisher p."""
+    per_protocol, pooled, above = {}, [], {}
+    for protocol, table in protocols.items():
+        if name not in table or base not in table:
+            continue
+        ours = {run["seed"]: run for run in table[name]["runs"]}
+        theirs = {run["seed"]: run for run in table[base]["runs"]}
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        differences = [ours[seed]["mean_iou"] - theirs[seed]["mean_iou"] for seed in seeds]
+        pooled += differences
+        per_protocol[protocol] = paired_figures(differences, seeds)
+        for cls, nlcd_iou in table[NLCD_ROW]["iou"].items():
+            if nlcd_iou is None:
+                continue
+            counts = above.setdefault(cls, {"variant": 0, "base": 0, "runs": 0})
+            counts["variant"] += sum((ours[seed]["iou"][cls] or 0) > nlcd_iou for seed in seeds)
+            counts["base"] += sum((theirs[seed]["iou"][cls] or 0) > nlcd_iou for seed in seeds)
+            counts["runs"] += len(seeds)
+    for counts in above.values():
+        counts["fisher_p"] = fisher_exact_p(counts["variant"], counts["runs"], counts["base"], counts["runs"])
+    return {"base": base, "protocols": per_protocol, "pooled": paired_figures(pooled) if pooled else None,
+            "above_nlcd": above}
+
+
+def paired_figures(differences: list[float], seeds: list[int] | None = None) -> dict:
+    return {**({"seeds": seeds} if seeds is not None else {}), "pairs": len(differences),
+            "mean_difference": float(np.mean(differences)), "higher": sum(d > 0 for d in differences),
+            "p_greater": signed_rank_p_greater(differences)}
+
+
+def print_comparisons(protocols: dict, base: str) -> dict:
+    """``--compare``: every variant but ``base`` against it (:func:`compare_variant`), printed; the figures."""
+    names = [name for name in dict.fromkeys(n for table in protocols.values() for n in table) if name != NLCD_ROW]
+    if base not in names:
+        raise InputError(f"--compare {base!r}: no such variant (the runs have {', '.join(names)})")
+    out = {}
+    for name in (n for n in names if n != base):
+        figures = out[name] = compare_variant(protocols, name, base)
+        print(f"\n{name} against {base}, runs paired by protocol and seed (p: one-sided Wilcoxon signed-rank test "
+              f"that {name}'s mIoU is higher)")
+        for label, row in [*figures["protocols"].items(), *([("pooled", figures["pooled"])] if figures["pooled"] else [])]:
+            print(f"  {label:<8} {row['pairs']:>3} pairs: mIoU {row['mean_difference']:+.4f}, higher in "
+                  f"{row['higher']}, p = {row['p_greater']:.3f}")
+        if figures["above_nlcd"]:
+            print("  runs above NLCD's IoU (two-sided Fisher p): " + ", ".join(
+                f"{cls} {c['variant']} against {c['base']} of {c['runs']} (p = {c['fisher_p']:.3f})"
+                for cls, c in figures["above_nlcd"].items()))
+    return out
 
 
 def seed_line(name: str, runs: list[dict], nlcd: dict, classes: Sequence[str]) -> str:
@@ -396,9 +458,9 @@ def read_results(path: str) -> dict:
     return data
 
 
-def merge_runs(paths: Sequence[str], out: str | None) -> int:
+def merge_runs(paths: Sequence[str], out: str | None, compare: str | None = None) -> int:
     """``--merge``: one table (and JSON) from the runs of several ``--json`` files of the same settings and
-    variants: each (protocol, variant) gets every seed found, once."""
+    variants: each (protocol, variant) gets every seed found, once; with ``compare``, the variants against it."""
     loaded = [(path, read_results(path)) for path in paths]
     first = loaded[0][1]
     flags: dict[str, str] = {}
@@ -445,6 +507,8 @@ def merge_runs(paths: Sequence[str], out: str | None) -> int:
             table[name] = {**summarise(ordered), "runs": ordered}
         merged["protocols"][protocol] = table
         print_table(protocol, table, list(nlcd[protocol]["iou"]))
+    if compare:
+        merged["comparisons"] = print_comparisons(merged["protocols"], compare)
     write_json(out, merged)
     return 0
 

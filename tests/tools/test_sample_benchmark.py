@@ -200,3 +200,55 @@ def test_merge_names_a_file_that_is_missing_or_not_a_benchmark(tmp_path):
         sample_benchmark.main(["--merge", str(tmp_path / "broken.json")])
     with pytest.raises(SystemExit):
         sample_benchmark.main(["--merge", first, "--variant", "x=--recipe robust"])
+
+
+def _paired_file(path, protocols):
+    """A --json file with variants base and other; ``protocols``: protocol -> (base mIoUs, other mIoUs) of seeds 1..n,
+    with impervious IoU above NLCD's 0.022 where the mIoU is above 0.425."""
+    def run(seed, miou):
+        return {"seed": seed, "mean_iou": miou, "overall_accuracy": 0.9, "pixels": 10,
+                "iou": {"water": None, "tree canopy": 0.9, "low vegetation": 0.4, "impervious": 0.1 if miou > 0.425 else 0}}
+    nlcd = {"mean_iou": 0.4, "overall_accuracy": 0.85, "pixels": 10,
+            "iou": {"water": None, "tree canopy": 0.85, "low vegetation": 0.335, "impervious": 0.022}}
+    tables = {}
+    for protocol, (base, other) in protocols.items():
+        tables[protocol] = {sample_benchmark.NLCD_ROW: {**nlcd, "runs": [nlcd]}}
+        for name, values in (("base", base), ("other", other)):
+            runs = [run(seed, value) for seed, value in enumerate(values, 1)]
+            tables[protocol][name] = {**sample_benchmark.summarise(runs), "runs": runs}
+    settings = {"model_config": "tiny", "chip_size": 64, "stride": 32, "max_epochs": 30, "chips_per_tile": 16,
+                "batch_size": 8, "list_dir": "x.csv", "dataset": "sample", "seeds": None}
+    path.write_text(json.dumps({"settings": settings, "variants": {"base": "--recipe robust", "other": "--seed_x"},
+                                "protocols": tables}))
+    return str(path)
+
+
+def test_compare_pairs_the_runs_of_each_seed_and_protocol(tmp_path, capsys):
+    given = _paired_file(tmp_path / "runs.json", {
+        # other - base: -0.01, +0.02, +0.03, +0.04, +0.05 (ranks 1-5, positive sum 14: p = 2 / 32)
+        "heldout": ([0.40, 0.40, 0.40, 0.40, 0.40], [0.39, 0.42, 0.43, 0.44, 0.45]),
+        # +0.06, +0.07, +0.08: with heldout, eight pairs whose one loss has the smallest rank: p = 2 / 256
+        "update": ([0.40, 0.40, 0.40], [0.46, 0.47, 0.48]),
+    })
+    out = tmp_path / "merged.json"
+    assert sample_benchmark.main(["--merge", given, "--compare", "base", "--json", str(out)]) == 0
+    other = json.loads(out.read_text())["comparisons"]["other"]
+    assert other["base"] == "base"
+    assert other["protocols"]["heldout"]["higher"] == 4 and other["protocols"]["heldout"]["seeds"] == [1, 2, 3, 4, 5]
+    assert other["protocols"]["heldout"]["p_greater"] == pytest.approx(2 / 32)
+    assert other["protocols"]["update"]["p_greater"] == pytest.approx(1 / 8)
+    assert other["pooled"]["pairs"] == 8 and other["pooled"]["mean_difference"] == pytest.approx(0.34 / 8)
+    assert other["pooled"]["p_greater"] == pytest.approx(2 / 256)
+    # impervious above NLCD's in 3 + 3 of 8 runs of other (mIoU above 0.425), in none of base's: of the tables
+    # with 6 hits in 16 runs, only 6-0 and its mirror 0-6 are as unlikely, each C(8, 6) / C(16, 6) = 28 / 8008
+    assert other["above_nlcd"]["impervious"] == {"variant": 6, "base": 0, "runs": 8,
+                                                 "fisher_p": pytest.approx(56 / 8008, rel=1e-9)}
+    printed = capsys.readouterr().out
+    assert "other against base, runs paired by protocol and seed" in printed
+    assert "pooled     8 pairs: mIoU +0.0425, higher in 7, p = 0.008" in printed
+
+
+def test_compare_names_a_variant_that_is_not_in_the_runs(tmp_path):
+    given = _paired_file(tmp_path / "runs.json", {"heldout": ([0.4], [0.41])})
+    with pytest.raises(InputError, match="--compare 'robust': no such variant \\(the runs have base, other\\)"):
+        sample_benchmark.main(["--merge", given, "--compare", "robust"])
