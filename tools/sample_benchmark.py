@@ -294,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.merge:
         return merge_runs(args.merge, args.json, args.compare)
     named = variants(args.variant)
+    if args.compare and args.compare not in named:  # before hours of training, not after
+        raise InputError(f"--compare {args.compare!r}: no such variant (the runs have {', '.join(named)})")
     dataset = load_dataset(args.dataset)
     entries = read_list(args.list_dir, required=("image_fn", "label_fn", "hr_label_fn"))
     if len(entries) < 2:
@@ -397,6 +399,7 @@ def compare_variant(protocols: dict, name: str, base: str) -> dict:
 
 
 def paired_figures(differences: list[float], seeds: list[int] | None = None) -> dict:
+    """Figures of paired differences (variant minus base): their count, mean, how many are above 0, and p."""
     return {**({"seeds": seeds} if seeds is not None else {}), "pairs": len(differences),
             "mean_difference": float(np.mean(differences)), "higher": sum(d > 0 for d in differences),
             "p_greater": signed_rank_p_greater(differences)}
@@ -412,7 +415,8 @@ def print_comparisons(protocols: dict, base: str) -> dict:
         figures = out[name] = compare_variant(protocols, name, base)
         print(f"\n{name} against {base}, runs paired by protocol and seed (p: one-sided Wilcoxon signed-rank test "
               f"that {name}'s mIoU is higher)")
-        for label, row in [*figures["protocols"].items(), *([("pooled", figures["pooled"])] if figures["pooled"] else [])]:
+        rows = {**figures["protocols"], **({"pooled": figures["pooled"]} if figures["pooled"] else {})}
+        for label, row in rows.items():
             print(f"  {label:<8} {row['pairs']:>3} pairs: mIoU {row['mean_difference']:+.4f}, higher in "
                   f"{row['higher']}, p = {row['p_greater']:.3f}")
         if figures["above_nlcd"]:

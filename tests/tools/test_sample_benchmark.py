@@ -248,7 +248,10 @@ def test_compare_pairs_the_runs_of_each_seed_and_protocol(tmp_path, capsys):
     assert "pooled     8 pairs: mIoU +0.0425, higher in 7, p = 0.008" in printed
 
 
-def test_compare_names_a_variant_that_is_not_in_the_runs(tmp_path):
+def test_compare_names_a_variant_that_is_not_in_the_runs(tmp_path, monkeypatch):
     given = _paired_file(tmp_path / "runs.json", {"heldout": ([0.4], [0.41])})
     with pytest.raises(InputError, match="--compare 'robust': no such variant \\(the runs have base, other\\)"):
         sample_benchmark.main(["--merge", given, "--compare", "robust"])
+    monkeypatch.setattr(sample_benchmark, "run_benchmark", lambda *args: pytest.fail("trained before the check"))
+    with pytest.raises(InputError, match="--compare 'base': no such variant \\(the runs have robust\\)"):
+        sample_benchmark.main(["--variant", "robust=--recipe robust", "--compare", "base"])  # before any training
