@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from dataset.errors import WRITE_ERRNOS, InputError, os_error_text
 
@@ -139,9 +139,14 @@ def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file's content (read in 1 MiB pieces)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+        feed_digest(digest, fh)
     return digest.hexdigest()
+
+
+def feed_digest(digest: Any, fh: BinaryIO) -> None:
+    """Feed a ``hashlib`` object the rest of the open binary file ``fh``, 1 MiB at a time."""
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
 
 
 class FolderLock:

@@ -23,7 +23,7 @@ import torch
 
 from dataset import DatasetDefinition, load_dataset
 from dataset.errors import InputError
-from dataset.files import atomic_output, write_failure_cause
+from dataset.files import atomic_output, feed_digest, write_failure_cause
 from networks.config import config_from_dict, config_to_dict
 
 CHECKPOINT_FORMAT = "vcnet-checkpoint"
@@ -84,8 +84,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu", digest:
     try:
         with open(path, "rb") as fh:
             if digest is not None:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+                feed_digest(digest, fh)
                 fh.seek(0)
             payload = torch.load(fh, map_location=map_location, weights_only=True)
     except OSError as exc:
