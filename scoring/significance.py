@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import comb
 
-#: Relative tolerance when comparing probabilities of tables (Fisher) or rank sums (Wilcoxon).
+#: Relative tolerance when comparing the probabilities of tables (Fisher; the rank sums are exact integers).
 _TOLERANCE = 1e-9
 
 

@@ -294,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.merge:
         return merge_runs(args.merge, args.json, args.compare)
     named = variants(args.variant)
-    if args.compare and args.compare not in named:  # before hours of training, not after
-        raise InputError(f"--compare {args.compare!r}: no such variant (the runs have {', '.join(named)})")
+    if args.compare:
+        check_compare_base(args.compare, list(named))  # before hours of training, not after
     dataset = load_dataset(args.dataset)
     entries = read_list(args.list_dir, required=("image_fn", "label_fn", "hr_label_fn"))
     if len(entries) < 2:
@@ -405,11 +405,16 @@ def paired_figures(differences: list[float], seeds: list[int] | None = None) -> 
             "p_greater": signed_rank_p_greater(differences)}
 
 
+def check_compare_base(base: str, names: list[str]) -> None:
+    """``--compare BASE`` must name one of the variants ``names``."""
+    if base not in names:
+        raise InputError(f"--compare {base!r}: no such variant (the runs have {', '.join(names)})")
+
+
 def print_comparisons(protocols: dict, base: str) -> dict:
     """``--compare``: every variant but ``base`` against it (:func:`compare_variant`), printed; the figures."""
     names = [name for name in dict.fromkeys(n for table in protocols.values() for n in table) if name != NLCD_ROW]
-    if base not in names:
-        raise InputError(f"--compare {base!r}: no such variant (the runs have {', '.join(names)})")
+    check_compare_base(base, names)
     out = {}
     for name in (n for n in names if n != base):
         figures = out[name] = compare_variant(protocols, name, base)
