@@ -65,6 +65,10 @@ class MapOptions(DeviceOptions, TileListOptions, SlidingWindowOptions):
     overview_min_size: int = option(OVERVIEW_MIN_SIZE, "maps whose longer side has at least this many pixels get "
                                                        "internal overviews (mode resampling); 0: none",
                                     group="output", check=at_least(0))
+    guided_filter: int | None = option(None, "radius R of the image-guided filter of each chip's class probabilities "
+                                             "(they then follow the image's edges; docs/mapping.md); 0 is off",
+                                       group="sliding window", check=at_least(0),
+                                       none_means="the checkpoint's recipe's: 4 for --recipe robust, else 0")
     shard: str | None = option(None, "map only shard K of N (K counted from 0): every N-th tile of the list from "
                                      "the K-th, e.g. --shard $SLURM_ARRAY_TASK_ID/100; under torchrun the ranks "
                                      "split the shard", metavar="K/N", group="data", none_means="the whole list")

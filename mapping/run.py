@@ -135,7 +135,7 @@ def needs_mapping(out: str, probs: str | None, provenance: str | None, log: Call
 def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride: int = 112, batch_size: int = 16,
              device: str | torch.device = "cpu", amp: bool = False, num_workers: int = 0, overwrite: bool = False,
              progress: Callable | None = None, log: Callable[[str], None] = print,
-             provenance: str | None = None) -> dict[str, list[str]]:
+             provenance: str | None = None, guided_filter: int | None = None) -> dict[str, list[str]]:
     """Map every tile of ``plan`` (and write probabilities and previews if asked).
 
     Every existing output is checked before the first tile is mapped (:func:`needs_mapping`). Each
@@ -145,7 +145,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
     A tile still to map that another process is mapping (a second run into the folder) is left
     until the other tiles are done, then waited for and checked again: skipped if that process
     completed it with the same checkpoint and settings, mapped if it did not, refused if it made
-    it with others.
+    it with others. ``guided_filter`` is :func:`~mapping.writer.map_tile`'s (None: the model's).
 
     Returns:
         ``{"mapped": [...], "skipped": [...]}`` output paths; skipped tiles already had outputs.
@@ -170,7 +170,8 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
             else:
                 map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
                          batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
-                         num_workers=num_workers, overview_min_size=plan.overview_min_size, provenance=provenance)
+                         num_workers=num_workers, overview_min_size=plan.overview_min_size, provenance=provenance,
+                         guided_filter=guided_filter)
                 done["mapped"].append(out)
                 log(f"mapped {entry.image} -> {out}")
             png = plan.preview_path(out)
@@ -193,7 +194,11 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
     model = model_from_checkpoint(read_checkpoint(options.checkpoint, digest=digest), device=device,
                                   where=options.checkpoint)
     dataset = select_dataset(model.dataset, options.dataset)
-    provenance = map_provenance(digest.hexdigest(), dataset.name, options.chip_size, options.stride)
+    guided = model.guided_filter if options.guided_filter is None else options.guided_filter
+    if guided:
+        log(f"guided filter of radius {guided} on each chip's probabilities"
+            + (" (the checkpoint's recipe)" if options.guided_filter is None else ""))
+    provenance = map_provenance(digest.hexdigest(), dataset.name, options.chip_size, options.stride, guided)
     _, entries = options.read_list(dataset, required=("image_fn",))
     rank, world, _ = distributed_rank()
     entries = tile_share(entries, options.shard_index, rank, world)
@@ -205,4 +210,5 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
                        overview_min_size=options.overview_min_size)
     return map_list(model, plan, dataset=dataset, chip_size=options.chip_size, stride=options.stride,
                     batch_size=options.batch_size, device=device, amp=options.amp, num_workers=options.num_workers,
-                    overwrite=options.overwrite, progress=progress, log=log, provenance=provenance)
+                    overwrite=options.overwrite, progress=progress, log=log, provenance=provenance,
+                    guided_filter=guided)

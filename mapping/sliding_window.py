@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from mapping.guided_filter import guided_filter
+
 ReadRows = Callable[[int, int], np.ndarray]
 
 
@@ -247,10 +249,12 @@ def _batches(chips: Iterable[tuple[int, int, torch.Tensor]], size: int
 
 class _ChipWork:
     """``softmax((vit + cnn) / 2) * K`` of batches of chips, in buffers reused from batch to batch
-    (fresh multi-megabyte tensors cost page faults on the CPU at every batch)."""
+    (fresh multi-megabyte tensors cost page faults on the CPU at every batch); with ``guided_filter``
+    R > 0 the softmax is filtered with the chip as the guide (:func:`mapping.guided_filter.guided_filter`)
+    before the weighting."""
 
-    def __init__(self, model: Callable, kernel: torch.Tensor, amp: bool):
-        self.model, self.kernel = model, kernel
+    def __init__(self, model: Callable, kernel: torch.Tensor, amp: bool, guided_filter: int = 0):
+        self.model, self.kernel, self.guided_filter = model, kernel, guided_filter
         self.autocast = amp and kernel.device.type == "cuda"
         self.buffers: dict[str, torch.Tensor] = {}
 
@@ -263,7 +267,8 @@ class _ChipWork:
 
     def __call__(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
         """Float32 ``(B, C, chip, chip)`` for the ``(bands, chip, chip)`` ``chips``; valid until the next call."""
-        return self._weigh(*self._forward(self._stack(chips)))
+        batch = self._stack(chips)
+        return self._weigh(*self._forward(batch), batch)
 
     @_one_thread
     def _stack(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -276,16 +281,18 @@ class _ChipWork:
 
     @_one_thread
     @torch.inference_mode()
-    def _weigh(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor) -> torch.Tensor:
+    def _weigh(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         # (vit + cnn) / 2 in float32 (halving is exact); out of place, the model's outputs stay as they are
         logits = torch.add(vit_logits.float(), cnn_logits, out=self._buffer("logits", vit_logits.shape)).mul_(0.5)
         weighted = torch.softmax(logits, dim=1, out=self._buffer("weighted", logits.shape))
+        if self.guided_filter:
+            weighted = guided_filter(batch, weighted, self.guided_filter)
         return weighted.mul_(self.kernel)
 
 
 def _blended_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
                     mean: Sequence[float] | None, std: Sequence[float] | None, chip_size: int, stride: int,
-                    batch_size: int, device: torch.device, amp: bool, prefetch: int
+                    batch_size: int, device: torch.device, amp: bool, prefetch: int, guided_filter: int = 0
                     ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(row, probs)`` for consecutive finished rows; ``probs`` ``(C, h, width)`` on ``device``."""
     offsets = chip_offsets(height, chip_size, stride)
@@ -302,7 +309,7 @@ def _blended_strips(model: Callable, read_rows: ReadRows, height: int, width: in
     with contextlib.closing(_prefetch(reader, prefetch)) as bands:
         chips = ((row, col, band[:, :, col:col + chip_size])
                  for row, band in _on_device(bands, device, normalise) for col in cols)
-        work = _ChipWork(model, kernel, amp)
+        work = _ChipWork(model, kernel, amp, guided_filter)
         for batch in _batches(chips, batch_size):
             weighted = work([c for _, _, c in batch])
             for (row, col, _), chip_weighted in zip(batch, weighted):
@@ -331,7 +338,7 @@ def iter_probability_strips(model: Callable, read_rows: ReadRows, height: int, w
                             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                             chip_size: int = 224, stride: int = 112, batch_size: int = 16,
                             device: str | torch.device = "cpu", amp: bool = False,
-                            prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+                            prefetch: int = 0, guided_filter: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """Map a tile band by band: yield ``(row, probs)`` for consecutive finished rows.
 
     Args:
@@ -348,6 +355,8 @@ def iter_probability_strips(model: Callable, read_rows: ReadRows, height: int, w
         amp: bfloat16 autocast of the model (CUDA only; ignored elsewhere). Softmax and blending
             stay float32.
         prefetch: image bands read ahead by a background thread (0: none).
+        guided_filter: radius R of the image-guided filter of each chip's probabilities (0: none;
+            :mod:`mapping.guided_filter`).
 
     Yields:
         ``(row, probs)`` with ``probs`` float32 ``(C, h, width)`` on the host: the blended class
@@ -356,7 +365,7 @@ def iter_probability_strips(model: Callable, read_rows: ReadRows, height: int, w
     """
     strips = _blended_strips(model, read_rows, height, width, mean=mean, std=std, chip_size=chip_size,
                              stride=stride, batch_size=batch_size, device=torch.device(device), amp=amp,
-                             prefetch=prefetch)
+                             prefetch=prefetch, guided_filter=guided_filter)
     with contextlib.closing(strips):
         for row, probs in strips:
             yield row, probs.cpu().numpy()
@@ -428,7 +437,7 @@ def iter_class_strips(model: Callable, read_rows: ReadRows, height: int, width: 
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                       chip_size: int = 224, stride: int = 112, batch_size: int = 16,
                       device: str | torch.device = "cpu", amp: bool = False, prefetch: int = 0,
-                      probabilities: bool = False) -> Iterator[ClassStrip]:
+                      guided_filter: int = 0, probabilities: bool = False) -> Iterator[ClassStrip]:
     """Map a tile band by band: yield a :class:`ClassStrip` for consecutive finished rows.
 
     Softmax and blending are computed on ``device``, and so are the argmax (and the uint8
@@ -442,7 +451,7 @@ def iter_class_strips(model: Callable, read_rows: ReadRows, height: int, width: 
     """
     strips = _host_strips(model, read_rows, height, width, probabilities, mean=mean, std=std,
                           chip_size=chip_size, stride=stride, batch_size=batch_size,
-                          device=torch.device(device), amp=amp, prefetch=prefetch)
+                          device=torch.device(device), amp=amp, prefetch=prefetch, guided_filter=guided_filter)
     with contextlib.closing(_prefetch(strips, 2 if prefetch else 0)) as ready:
         for strip in ready:
             yield strip.wait()

@@ -112,27 +112,33 @@ def _open_output(path: str, src: rasterio.DatasetReader, dataset, probabilities:
             yield dst
 
 
-def _output_tags(dataset, image_path: str, chip_size: int, stride: int) -> dict[str, str]:
+def _output_tags(dataset, image_path: str, chip_size: int, stride: int, guided_filter: int) -> dict[str, str]:
+    window = f"chip={chip_size} stride={stride}" + (f" guided_filter={guided_filter}" if guided_filter else "")
     return {
         DATASET_TAG: json.dumps(dataset.to_dict()),
         "CLASS_NAMES": json.dumps(list(dataset.class_names)),
         "VCNET_SOURCE_IMAGE": os.path.basename(image_path),
-        "VCNET_WINDOW": f"chip={chip_size} stride={stride}",
+        "VCNET_WINDOW": window,
     }
 
 
-def map_provenance(checkpoint_sha256: str, dataset_name: str, chip_size: int, stride: int) -> str:
-    """The :data:`PROVENANCE_TAG` value of maps made with these settings."""
-    return json.dumps({"checkpoint_sha256": checkpoint_sha256, "dataset": dataset_name, "chip_size": chip_size,
-                       "stride": stride}, sort_keys=True)
+def map_provenance(checkpoint_sha256: str, dataset_name: str, chip_size: int, stride: int,
+                   guided_filter: int = 0) -> str:
+    """The :data:`PROVENANCE_TAG` value of maps made with these settings (the guided filter only when on, so
+    that maps made before it existed stay current)."""
+    made = {"checkpoint_sha256": checkpoint_sha256, "dataset": dataset_name, "chip_size": chip_size, "stride": stride}
+    if guided_filter:
+        made["guided_filter"] = guided_filter
+    return json.dumps(made, sort_keys=True)
 
 
 def describe_provenance(text: str | None) -> str:
     """A :data:`PROVENANCE_TAG` value in words, for error messages."""
     try:
         made = json.loads(text or "")
+        guided = f", guided filter {made['guided_filter']}" if made.get("guided_filter") else ""
         return (f"checkpoint sha256 {made['checkpoint_sha256'][:12]}, dataset {made['dataset']}, "
-                f"chip {made['chip_size']} / stride {made['stride']}")
+                f"chip {made['chip_size']} / stride {made['stride']}{guided}")
     except (ValueError, TypeError, KeyError):
         return "unknown settings (no provenance tag: an older version or another program)"
 
@@ -160,7 +166,7 @@ def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
 def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_size: int = 224, stride: int = 112,
              batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False, overwrite: bool = False,
              probs_path: str | None = None, num_workers: int = 0, overview_min_size: int = OVERVIEW_MIN_SIZE,
-             provenance: str | None = None) -> str:
+             provenance: str | None = None, guided_filter: int | None = None) -> str:
     """Map one GeoTIFF tile into a class-map GeoTIFF (docs/design.md §7).
 
     The output is uint8, one band, with the input's size, CRS and transform, nodata 0, the
@@ -186,6 +192,9 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
         overview_min_size: maps whose longer side has at least this many pixels get overviews
             (0: never).
         provenance: :func:`map_provenance` of this run, stored in both outputs.
+        guided_filter: radius of the image-guided filter of each chip's probabilities
+            (:mod:`mapping.guided_filter`; 0: none); None: the model's ``guided_filter`` (a model loaded from
+            a checkpoint carries its recipe's, :func:`networks.checkpoint.model_from_checkpoint`), else 0.
 
     Returns:
         ``out_path``.
@@ -197,6 +206,8 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
     if not overwrite and outputs_exist(out_path, probs_path):
         return out_path
     module = getattr(model, "module", model)
+    if guided_filter is None:
+        guided_filter = int(getattr(module, "guided_filter", 0))
     was_training = bool(getattr(module, "training", False))
     if hasattr(module, "eval"):
         module.eval()
@@ -205,7 +216,7 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
             check_bands(src, dataset.num_bands)
             bands = max(src.count, dataset.num_classes if probs_path else 1)
             stack.enter_context(rasterio.Env(GDAL_CACHEMAX=max(MIN_GDAL_CACHE, 4 * GEOTIFF_BLOCK * src.width * bands)))
-            tags = _output_tags(dataset, image_path, chip_size, stride)
+            tags = _output_tags(dataset, image_path, chip_size, stride, guided_filter)
             if provenance is not None:
                 tags[PROVENANCE_TAG] = provenance
             # Entered in this order, exited in reverse: the probabilities are renamed before the
@@ -218,7 +229,8 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
             strips = stack.enter_context(contextlib.closing(iter_class_strips(
                 module, lambda r0, r1: read_window(src, Window(0, r0, src.width, r1 - r0)), src.height, src.width,
                 mean=dataset.mean, std=dataset.std, chip_size=chip_size, stride=stride, batch_size=batch_size,
-                device=device, amp=amp, prefetch=num_workers, probabilities=probs_path is not None)))
+                device=device, amp=amp, prefetch=num_workers, guided_filter=guided_filter,
+                probabilities=probs_path is not None)))
             for strip in strips:
                 if strip.num_classes != dataset.num_classes:
                     raise InputError(f"{image_path}: the model outputs {strip.num_classes} classes, dataset "

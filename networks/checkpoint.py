@@ -108,7 +108,13 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu", digest:
 
 def model_from_checkpoint(payload: Mapping[str, Any], device: str | torch.device = "cpu",
                           where: str = "checkpoint") -> torch.nn.Module:
-    """Build the model a checkpoint describes and load its weights strictly (eval mode)."""
+    """Build the model a checkpoint describes and load its weights strictly (eval mode).
+
+    The model carries what mapping needs from the checkpoint: ``model.config``, ``model.dataset`` and
+    ``model.guided_filter``, the radius of the image-guided filter its recipe maps with (``train_args``'
+    ``guided_filter``; 0 for a checkpoint written before that option, or without training settings, such as
+    a converted published one).
+    """
     from networks.encoder_decoder import build_model  # local: avoid an import cycle
 
     config = config_from_dict(payload["model_config"])
@@ -116,6 +122,7 @@ def model_from_checkpoint(payload: Mapping[str, Any], device: str | torch.device
     load_weights(model, payload["state_dict"], where)
     model.config = config
     model.dataset = load_dataset(payload["dataset"])
+    model.guided_filter = int((payload.get("train_args") or {}).get("guided_filter") or 0)
     return model.to(device).eval()
 
 
@@ -142,7 +149,7 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 def load_model(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Return the model of a project checkpoint, in eval mode on ``device``.
 
-    The model carries ``model.config`` (ConfigDict) and ``model.dataset`` (DatasetDefinition),
-    so mapping needs nothing but the file.
+    The model carries ``model.config`` (ConfigDict), ``model.dataset`` (DatasetDefinition) and
+    ``model.guided_filter`` (see :func:`model_from_checkpoint`), so mapping needs nothing but the file.
     """
     return model_from_checkpoint(read_checkpoint(path), device=device, where=path)

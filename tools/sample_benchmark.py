@@ -172,8 +172,8 @@ def write_raster(out: str, data: np.ndarray, profile: dict) -> None:
 
 
 def train(options: TrainOptions, entries: list[TileEntry], folder: str) -> tuple:
-    """Train on ``entries``; returns what mapping needs: the final model, the dataset and the device (the
-    optimiser's state is let go)."""
+    """Train on ``entries``; returns what mapping needs: the final model, the dataset, the device and the
+    recipe's guided filter (the optimiser's state is let go)."""
     from preparation.lists import write_list
     from training.trainer import Trainer
 
@@ -181,19 +181,19 @@ def train(options: TrainOptions, entries: list[TileEntry], folder: str) -> tuple
     write_list(list_path, entries, absolute=True)
     trainer = Trainer(dataclasses.replace(options, list_dir=list_path, out_dir=os.path.join(folder, "run")))
     trainer.fit()
-    return trainer.model, trainer.dataset, trainer.device
+    return trainer.model, trainer.dataset, trainer.device, options.guided_filter
 
 
 def map_tiles(trained: tuple, test: list[TileEntry], folder: str, chip_size: int, stride: int) -> list[tuple[str, str]]:
     """Map ``test`` with :func:`train`'s model; returns (map, HR reference) pairs."""
     from mapping.writer import map_tile, output_name
 
-    model, dataset, device = trained
+    model, dataset, device, guided_filter = trained
     pairs = []
     for entry in test:
         out = os.path.join(folder, "maps", output_name(entry.image))
         map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride, device=device,
-                 overwrite=True)
+                 overwrite=True, guided_filter=guided_filter)
         pairs.append((out, entry.hr_label))
     return pairs
 

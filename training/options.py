@@ -42,10 +42,10 @@ def exponent_in_unit_interval(value: float) -> str | None:
 RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
                   "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0,
-                  "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.0},
+                  "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.0, "guided_filter": 0},
     "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "d4", "jitter": 0.0,
                "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
-               "refine_jitter": 0.08, "refine_features": "ndvi", "focus_chips": 0.25},
+               "refine_jitter": 0.08, "refine_features": "ndvi", "focus_chips": 0.25, "guided_filter": 4},
 }
 
 
@@ -149,6 +149,11 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                                "neighbourhood) or ndvi (the same with NDVI as one more band, which a "
                                                "brighter or darker flight moves less; needs red and nir bands)",
                                          choices=("bands", "ndvi"), group="recipe", none_means="the recipe's")
+    guided_filter: int | None = option(None, "radius R of the image-guided filter of each chip's class "
+                                             "probabilities when the checkpoint maps (test.py, validation): they then "
+                                             "follow the image's edges; stored in the checkpoint, does not change "
+                                             "training; 0 is off", group="recipe", check=at_least(0),
+                                       none_means="the recipe's")
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")

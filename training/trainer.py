@@ -302,7 +302,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, Any]:
         """Map and score the ``--val_list`` tiles (:func:`training.validation.validate`) and log it."""
         result = validate(self.model, self.val_entries, self.dataset, chip_size=self.opts.chip_size,
-                          folder=self.folder.val, ctx=self.ctx, amp=self.amp)
+                          folder=self.folder.val, ctx=self.ctx, amp=self.amp, guided_filter=self.opts.guided_filter)
         self.log.info(f"validation after epoch {epoch + 1}: OA {format_metric(result['val_overall_accuracy'])}, "
                       f"mIoU {format_metric(result['val_mean_iou'])} ({len(self.val_entries)} tiles, HR reference)")
         self.log.scalars("val", {key[4:]: value for key, value in result.items()}, epoch + 1)

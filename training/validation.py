@@ -15,10 +15,11 @@ from training.distributed import DistributedContext
 
 
 def validate(model: torch.nn.Module, entries: list[TileEntry], dataset: DatasetDefinition, *, chip_size: int,
-             folder: str, ctx: DistributedContext, amp: bool = False) -> dict[str, float | None]:
+             folder: str, ctx: DistributedContext, amp: bool = False, guided_filter: int = 0
+             ) -> dict[str, float | None]:
     """Overall accuracy and mIoU of the confusion matrix summed over ``entries`` (shared out over ranks).
 
-    The maps are written to ``folder`` (replaced at every validation).
+    The maps are written to ``folder`` (replaced at every validation), with the run's ``--guided_filter``.
     """
     module = getattr(model, "module", model)
     names = dataset.eval_names
@@ -26,7 +27,7 @@ def validate(model: torch.nn.Module, entries: list[TileEntry], dataset: DatasetD
     for entry in ctx.my_share(entries):
         out = os.path.join(folder, output_name(entry.image))
         map_tile(module, entry.image, out, dataset=dataset, chip_size=chip_size, stride=chip_size // 2,
-                 device=ctx.device, amp=amp, overwrite=True)
+                 device=ctx.device, amp=amp, overwrite=True, guided_filter=guided_filter)
         cm += confusion_for_pair(out, entry.hr_label, dataset)
     cm = ctx.sum(torch.from_numpy(cm).to(ctx.device)).cpu().numpy()
     metrics = compute_metrics(cm, names)

@@ -305,3 +305,40 @@ def test_auto_test_folder_order_summary_and_first_failure(crops, tiny_checkpoint
     assert [r["checkpoint"] for r in rows] == ["epoch_2"]
     assert float(rows[0]["overall_accuracy"]) >= 0 and rows[0]["iou_tree_canopy"] != ""
     assert json.loads((out / "epoch_2" / "metrics.json").read_text())["tiles"]
+
+
+def test_the_checkpoint_s_guided_filter_is_applied_and_recorded(crops, tiny_checkpoint, mapped, tmp_path, capsys):
+    """A checkpoint trained with --guided_filter R maps with it, without a flag; --guided_filter overrides it;
+    maps made with another filter are not taken for this run's."""
+    from networks.checkpoint import load_model, read_checkpoint, save_checkpoint
+    from networks.config import config_from_dict
+    from networks.encoder_decoder import build_model
+
+    payload = read_checkpoint(tiny_checkpoint)
+    model = build_model(config_from_dict(payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])
+    robust = str(tmp_path / "robust.pth")
+    save_checkpoint(robust, model=model, model_config=payload["model_config"], dataset=payload["dataset"],
+                    train_args={"recipe": "robust", "guided_filter": 2})
+    assert load_model(robust).guided_filter == 2 and load_model(tiny_checkpoint).guided_filter == 0
+    image = read_list(crops, required=("image_fn",))[0].image
+
+    def classes(folder):
+        with rasterio.open(os.path.join(folder, output_name(image))) as src:
+            return src.read(1), src.tags()["VCNET_WINDOW"]
+
+    code, out, _ = run(TEST_PY, ["--checkpoint", robust, "--list_dir", crops, "--out_dir", str(tmp_path / "a"),
+                                 *FAST], capsys)
+    assert code == 0 and "guided filter of radius 2 on each chip's probabilities (the checkpoint's recipe)" in out
+    filtered, window = classes(tmp_path / "a")
+    assert window == "chip=64 stride=32 guided_filter=2"
+    code, _, _ = run(TEST_PY, ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", str(tmp_path / "b"),
+                               "--guided_filter", "2", *FAST], capsys)
+    assert code == 0 and np.array_equal(classes(tmp_path / "b")[0], filtered)
+    code, _, _ = run(TEST_PY, ["--checkpoint", robust, "--list_dir", crops, "--out_dir", str(tmp_path / "c"),
+                               "--guided_filter", "0", *FAST], capsys)
+    plain = classes(mapped)[0]
+    assert code == 0 and np.array_equal(classes(tmp_path / "c")[0], plain) and not np.array_equal(plain, filtered)
+    code, _, err = run(TEST_PY, ["--checkpoint", robust, "--list_dir", crops, "--out_dir", str(tmp_path / "a"),
+                                 "--guided_filter", "0", *FAST], capsys)
+    assert code == 2 and "made with checkpoint sha256" in err and "guided filter 2" in err

@@ -20,6 +20,7 @@ import torch
 from dataset import load_dataset
 from dataset.errors import InputError
 from dataset.raster_io import normalize
+from mapping.guided_filter import guided_filter
 from mapping.sliding_window import (
     BandNormaliser,
     _one_thread,
@@ -89,8 +90,9 @@ def oracle_kernel(chip: int, stride: int) -> np.ndarray:
     return kernel
 
 
-def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int) -> np.ndarray:
-    """The published procedure with a whole-tile accumulator, one chip at a time (docs/design.md §7)."""
+def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int, guided: int = 0) -> np.ndarray:
+    """The published procedure with a whole-tile accumulator, one chip at a time (docs/design.md §7); with
+    ``guided``, each chip's probabilities go through the guided filter, the chip as the guide, before blending."""
     _, h, w = image.shape
     hp, wp = max(h, chip), max(w, chip)
     image = np.pad(image, ((0, 0), (0, hp - h), (0, wp - w)), mode="reflect")
@@ -100,7 +102,11 @@ def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int) -> np.nd
         for c in oracle_offsets(w, chip, stride):
             with torch.no_grad():
                 vit, cnn = model(torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip])))
-            p = torch.softmax((vit + cnn) / 2, dim=1)[0].numpy()
+            p = torch.softmax((vit + cnn) / 2, dim=1)
+            if guided:
+                p = guided_filter(torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip])), p,
+                                  guided)
+            p = p[0].numpy()
             if acc is None:
                 acc = np.zeros((p.shape[0], hp, wp), dtype=np.float32)
             acc[:, r:r + chip, c:c + chip] += p * kernel
@@ -195,6 +201,14 @@ def test_strip_wise_equals_whole_tile(model, shape):
     np.testing.assert_array_equal(got, expected)
     # Memory: never more than one chip of rows read at a time, in order.
     assert all(r1 - r0 <= 32 for r0, r1 in reads) and reads == sorted(reads)
+
+
+def test_guided_filter_filters_each_chip_before_blending(model):
+    image = np.random.default_rng(4).normal(size=(4, 70, 90)).astype(np.float32)
+    strips, _ = strips_of(model, image, 32, 16, batch_size=5, guided_filter=3)
+    got = np.concatenate([p for _, p in strips], axis=1)
+    np.testing.assert_allclose(got, whole_tile_oracle(model, image, 32, 16, guided=3), rtol=0, atol=1e-6)
+    assert np.abs(got - whole_tile_oracle(model, image, 32, 16)).max() > 0.05
 
 
 def test_batching_and_read_ahead_do_not_change_the_result(model):

@@ -439,10 +439,11 @@ def test_recipe_presets_fill_only_what_is_not_given():
         ("published", "hard", 0.0, "none")
     robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
     assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels, robust.refine_seeds,
-            robust.refine_jitter, robust.refine_features, robust.focus_chips) == \
-        ("focal", "d4", 0.75, "local", 0.1, 0.08, "ndvi", 0.25)
+            robust.refine_jitter, robust.refine_features, robust.focus_chips, robust.guided_filter) == \
+        ("focal", "d4", 0.75, "local", 0.1, 0.08, "ndvi", 0.25, 4)
     assert (published.refine_labels, published.class_balance, published.refine_seeds, published.refine_jitter,
-            published.refine_features, published.focus_chips) == ("none", 0.0, 0.0, 0.0, "bands", 0.0)
+            published.refine_features, published.focus_chips, published.guided_filter) == \
+        ("none", 0.0, 0.0, 0.0, "bands", 0.0, 0)
     assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
 
 

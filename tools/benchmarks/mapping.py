@@ -59,6 +59,8 @@ class MappingBenchmarkOptions(SlidingWindowOptions):
     device: str = option("cpu", "cpu, cuda or cuda:N", group="benchmark")
     amp: bool = option(False, "bfloat16 autocast of the model (CUDA only)", group="benchmark")
     save_probs: bool = option(False, "also write the probability raster", group="benchmark")
+    guided_filter: int = option(0, "radius of the image-guided filter of each chip's probabilities (as test.py's); "
+                                   "0 is off", group="benchmark", check=at_least(0))
     repeats: int = option(1, "timed runs per size; the fastest is reported (memory: the first)", group="benchmark",
                           check=at_least(1))
     json: str | None = option(None, "also write the results to this JSON file", group="benchmark")
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             start, cpu_start = time.perf_counter(), time.process_time()
             map_tile(model, image, out, dataset=dataset, chip_size=args.chip_size, stride=args.stride,
                      batch_size=args.batch_size, device=args.device, amp=args.amp, overwrite=True, probs_path=probs,
-                     num_workers=args.num_workers)
+                     num_workers=args.num_workers, guided_filter=args.guided_filter)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
             if attempt == 0:
@@ -219,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"model": args.checkpoint or args.model, "chip_size": args.chip_size, "stride": args.stride,
                        "batch_size": args.batch_size, "num_workers": args.num_workers, "amp_bf16": args.amp,
+                       "guided_filter": args.guided_filter,
                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        "torch_threads": torch.get_num_threads(), "results": results}, fh, indent=2)
     if not exact:
