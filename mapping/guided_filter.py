@@ -20,8 +20,12 @@ GUIDED_EPS = 0.01
 
 
 def _box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over the ``(2r+1)`` square around each pixel (the part of it inside the chip)."""
-    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    """Mean over the ``(2r+1)`` square around each pixel (the part of it inside the chip): a mean along the
+    rows, then along the columns (the part inside the chip is a rectangle, so the two give the square's
+    mean, with 2(2r+1) additions per pixel instead of (2r+1)^2)."""
+    side = 2 * radius + 1
+    x = F.avg_pool2d(x, (1, side), stride=1, padding=(0, radius), count_include_pad=False)
+    return F.avg_pool2d(x, (side, 1), stride=1, padding=(radius, 0), count_include_pad=False)
 
 
 def guided_filter(guide: torch.Tensor, probs: torch.Tensor, radius: int, eps: float = GUIDED_EPS) -> torch.Tensor:
