@@ -331,15 +331,17 @@ def test_closing_early_stops_the_reading_and_computing_threads():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("amp", [False, True])
-def test_cuda_class_map_agrees_with_the_cpu(sample_ds, amp):
-    """Same stand-in model on CUDA: identical map in float32 up to TF32 near-ties; bf16 close."""
+@pytest.mark.parametrize("amp, guided", [(False, 0), (True, 0), (False, 4)])
+def test_cuda_class_map_agrees_with_the_cpu(sample_ds, amp, guided):
+    """Same stand-in model on CUDA: identical map in float32 up to TF32 near-ties; bf16 close; the guided
+    filter (its solves in float32 on either device) as close as float32."""
     model = TwoConv().eval()
     raw = np.random.default_rng(6).integers(0, 256, size=(4, 150, 170), dtype=np.uint8)
 
     def classes(device):
         strips = iter_class_strips(model.to(device), lambda r0, r1: raw[:, r0:r1], 150, 170, mean=sample_ds.mean,
-                                   std=sample_ds.std, chip_size=64, stride=32, device=device, amp=amp, prefetch=2)
+                                   std=sample_ds.std, chip_size=64, stride=32, device=device, amp=amp, prefetch=2,
+                                   guided_filter=guided)
         return np.concatenate([s.classes for s in strips])
 
     agreement = (classes("cuda") == classes("cpu")).mean()
