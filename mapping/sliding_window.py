@@ -268,10 +268,10 @@ class _ChipWork:
     def __call__(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
         """Float32 ``(B, C, chip, chip)`` for the ``(bands, chip, chip)`` ``chips``; valid until the next call."""
         batch = self._stack(chips)
-        probs = self._softmax(*self._forward(batch))
+        vit_logits, cnn_logits = self._forward(batch)
         if self.guided_filter:
-            probs = self._filter(batch, probs)
-        return self._weigh(probs)
+            return self._filtered(vit_logits, cnn_logits, batch)
+        return self._weigh(vit_logits, cnn_logits)
 
     @_one_thread
     def _stack(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -282,23 +282,21 @@ class _ChipWork:
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
             return self.model(batch)
 
-    @_one_thread
-    @torch.inference_mode()
     def _softmax(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor) -> torch.Tensor:
         # (vit + cnn) / 2 in float32 (halving is exact); out of place, the model's outputs stay as they are
         logits = torch.add(vit_logits.float(), cnn_logits, out=self._buffer("logits", vit_logits.shape)).mul_(0.5)
         return torch.softmax(logits, dim=1, out=self._buffer("weighted", logits.shape))
 
-    @torch.inference_mode()
-    def _filter(self, batch: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        # torch's threads, as the model: unlike the memory-bound steps, the filter's products and solves
-        # gain from them (on 2 CPU cores 1.7x the chips/s of one thread at chip 64)
-        return guided_filter(batch, probs, self.guided_filter)
-
     @_one_thread
     @torch.inference_mode()
-    def _weigh(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs.mul_(self.kernel)
+    def _weigh(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor) -> torch.Tensor:
+        return self._softmax(vit_logits, cnn_logits).mul_(self.kernel)
+
+    @torch.inference_mode()
+    def _filtered(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        # on torch's threads, as the model: unlike the memory-bound steps of :meth:`_weigh`, the filter's
+        # products and solves gain from them (on 2 CPU cores 1.7x the chips/s of one thread at chip 64)
+        return guided_filter(batch, self._softmax(vit_logits, cnn_logits), self.guided_filter).mul_(self.kernel)
 
 
 def _blended_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
