@@ -310,16 +310,12 @@ def test_auto_test_folder_order_summary_and_first_failure(crops, tiny_checkpoint
 def test_the_checkpoint_s_guided_filter_is_applied_and_recorded(crops, tiny_checkpoint, mapped, tmp_path, capsys):
     """A checkpoint trained with --guided_filter R maps with it, without a flag; --guided_filter overrides it;
     maps made with another filter are not taken for this run's."""
-    from networks.checkpoint import load_model, read_checkpoint, save_checkpoint
-    from networks.config import config_from_dict
-    from networks.encoder_decoder import build_model
+    from networks.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
 
     payload = read_checkpoint(tiny_checkpoint)
-    model = build_model(config_from_dict(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
     robust = str(tmp_path / "robust.pth")
-    save_checkpoint(robust, model=model, model_config=payload["model_config"], dataset=payload["dataset"],
-                    train_args={"recipe": "robust", "guided_filter": 2})
+    save_checkpoint(robust, model=model_from_checkpoint(payload), model_config=payload["model_config"],
+                    dataset=payload["dataset"], train_args={"recipe": "robust", "guided_filter": 2})
     assert load_model(robust).guided_filter == 2 and load_model(tiny_checkpoint).guided_filter == 0
     image = read_list(crops, required=("image_fn",))[0].image
 

@@ -100,12 +100,12 @@ def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int, guided: 
     acc, cnt = None, np.zeros((hp, wp), dtype=np.float32)
     for r in oracle_offsets(h, chip, stride):
         for c in oracle_offsets(w, chip, stride):
+            chip_input = torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip]))
             with torch.no_grad():
-                vit, cnn = model(torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip])))
+                vit, cnn = model(chip_input)
             p = torch.softmax((vit + cnn) / 2, dim=1)
             if guided:
-                p = guided_filter(torch.from_numpy(np.ascontiguousarray(image[None, :, r:r + chip, c:c + chip])), p,
-                                  guided)
+                p = guided_filter(chip_input, p, guided)
             p = p[0].numpy()
             if acc is None:
                 acc = np.zeros((p.shape[0], hp, wp), dtype=np.float32)
