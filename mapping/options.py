@@ -69,6 +69,12 @@ class MapOptions(DeviceOptions, TileListOptions, SlidingWindowOptions):
                                              "(they then follow the image's edges; docs/mapping.md); 0 is off",
                                        group="sliding window", check=at_least(0),
                                        none_means="the checkpoint's recipe's: 4 for --recipe robust, else 0")
+    label_model_weight: float | None = option(None, "weight of the run's label-refinement classifiers' "
+                                                    "log-probabilities added to the network's logits (docs/mapping.md); "
+                                                    "0 maps with the network alone; above 0 needs a checkpoint trained "
+                                                    "with --refine_labels local", group="sliding window",
+                                              check=at_least(0),
+                                              none_means="the checkpoint's recipe's: 1 for --recipe robust, else 0")
     shard: str | None = option(None, "map only shard K of N (K counted from 0): every N-th tile of the list from "
                                      "the K-th, e.g. --shard $SLURM_ARRAY_TASK_ID/100; under torchrun the ranks "
                                      "split the shard", metavar="K/N", group="data", none_means="the whole list")

@@ -192,13 +192,17 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
     prepare_device(device)
     digest = hashlib.sha256()  # of the very bytes loaded (the maps' provenance)
     model = model_from_checkpoint(read_checkpoint(options.checkpoint, digest=digest), device=device,
-                                  where=options.checkpoint)
+                                  where=options.checkpoint, label_model_weight=options.label_model_weight)
     dataset = select_dataset(model.dataset, options.dataset)
     guided = model.guided_filter if options.guided_filter is None else options.guided_filter
     if guided:
         log(f"guided filter of radius {guided} on each chip's probabilities"
             + (" (the checkpoint's recipe)" if options.guided_filter is None else ""))
-    provenance = map_provenance(digest.hexdigest(), dataset.name, options.chip_size, options.stride, guided)
+    if model.label_model_weight:
+        log(f"the run's label model votes with weight {model.label_model_weight:g}"
+            + (" (the checkpoint's recipe)" if options.label_model_weight is None else ""))
+    provenance = map_provenance(digest.hexdigest(), dataset.name, options.chip_size, options.stride, guided,
+                                model.label_model_weight)
     _, entries = options.read_list(dataset, required=("image_fn",))
     rank, world, _ = distributed_rank()
     entries = tile_share(entries, options.shard_index, rank, world)

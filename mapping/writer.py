@@ -112,8 +112,17 @@ def _open_output(path: str, src: rasterio.DatasetReader, dataset, probabilities:
             yield dst
 
 
-def _output_tags(dataset, image_path: str, chip_size: int, stride: int, guided_filter: int) -> dict[str, str]:
-    window = f"chip={chip_size} stride={stride}" + (f" guided_filter={guided_filter}" if guided_filter else "")
+def _recipe_settings(guided_filter: int, label_model_weight: float) -> dict[str, float]:
+    """The mapping-time recipe settings that are on, by name (off ones are left out, so that maps made before an
+    option existed stay current)."""
+    settings = {"guided_filter": guided_filter, "label_model_weight": label_model_weight}
+    return {name: value for name, value in settings.items() if value}
+
+
+def _output_tags(dataset, image_path: str, chip_size: int, stride: int, guided_filter: int,
+                 label_model_weight: float) -> dict[str, str]:
+    settings = _recipe_settings(guided_filter, label_model_weight)
+    window = " ".join([f"chip={chip_size} stride={stride}"] + [f"{name}={value:g}" for name, value in settings.items()])
     return {
         DATASET_TAG: json.dumps(dataset.to_dict()),
         "CLASS_NAMES": json.dumps(list(dataset.class_names)),
@@ -123,12 +132,11 @@ def _output_tags(dataset, image_path: str, chip_size: int, stride: int, guided_f
 
 
 def map_provenance(checkpoint_sha256: str, dataset_name: str, chip_size: int, stride: int,
-                   guided_filter: int = 0) -> str:
-    """The :data:`PROVENANCE_TAG` value of maps made with these settings (the guided filter only when on, so
-    that maps made before it existed stay current)."""
+                   guided_filter: int = 0, label_model_weight: float = 0.0) -> str:
+    """The :data:`PROVENANCE_TAG` value of maps made with these settings (the guided filter and the label model's
+    vote only when on, so that maps made before they existed stay current)."""
     made = {"checkpoint_sha256": checkpoint_sha256, "dataset": dataset_name, "chip_size": chip_size, "stride": stride}
-    if guided_filter:
-        made["guided_filter"] = guided_filter
+    made.update(_recipe_settings(guided_filter, label_model_weight))
     return json.dumps(made, sort_keys=True)
 
 
@@ -137,8 +145,9 @@ def describe_provenance(text: str | None) -> str:
     try:
         made = json.loads(text or "")
         guided = f", guided filter {made['guided_filter']}" if made.get("guided_filter") else ""
+        vote = f", label model weight {made['label_model_weight']:g}" if made.get("label_model_weight") else ""
         return (f"checkpoint sha256 {made['checkpoint_sha256'][:12]}, dataset {made['dataset']}, "
-                f"chip {made['chip_size']} / stride {made['stride']}{guided}")
+                f"chip {made['chip_size']} / stride {made['stride']}{guided}{vote}")
     except (ValueError, TypeError, KeyError):
         return "unknown settings (no provenance tag: an older version or another program)"
 
@@ -195,6 +204,8 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
         guided_filter: radius of the image-guided filter of each chip's probabilities
             (:mod:`mapping.guided_filter`; 0: none); None: the model's ``guided_filter`` (a model loaded from
             a checkpoint carries its recipe's, :func:`networks.checkpoint.model_from_checkpoint`), else 0.
+            (A model whose maps hear its label model, :class:`networks.label_model.LabelModelVote`, has its
+            ``label_model_weight`` named in the map's tags and provenance.)
 
     Returns:
         ``out_path``.
@@ -208,6 +219,7 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
     module = getattr(model, "module", model)
     if guided_filter is None:
         guided_filter = int(getattr(module, "guided_filter", 0))
+    label_model_weight = float(getattr(module, "label_model_weight", 0))
     was_training = bool(getattr(module, "training", False))
     if hasattr(module, "eval"):
         module.eval()
@@ -216,7 +228,7 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
             check_bands(src, dataset.num_bands)
             bands = max(src.count, dataset.num_classes if probs_path else 1)
             stack.enter_context(rasterio.Env(GDAL_CACHEMAX=max(MIN_GDAL_CACHE, 4 * GEOTIFF_BLOCK * src.width * bands)))
-            tags = _output_tags(dataset, image_path, chip_size, stride, guided_filter)
+            tags = _output_tags(dataset, image_path, chip_size, stride, guided_filter, label_model_weight)
             if provenance is not None:
                 tags[PROVENANCE_TAG] = provenance
             # Entered in this order, exited in reverse: the probabilities are renamed before the

@@ -25,6 +25,7 @@ from dataset import DatasetDefinition, load_dataset
 from dataset.errors import InputError
 from dataset.files import atomic_output, feed_digest, write_failure_cause
 from networks.config import config_from_dict, config_to_dict
+from networks.label_model import LabelModelVote, label_model_from_state
 
 CHECKPOINT_FORMAT = "vcnet-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -107,22 +108,43 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu", digest:
 
 
 def model_from_checkpoint(payload: Mapping[str, Any], device: str | torch.device = "cpu",
-                          where: str = "checkpoint") -> torch.nn.Module:
+                          where: str = "checkpoint", label_model_weight: float | None = None) -> torch.nn.Module:
     """Build the model a checkpoint describes and load its weights strictly (eval mode).
 
-    The model carries what mapping needs from the checkpoint: ``model.config``, ``model.dataset`` and
+    The model carries what mapping needs from the checkpoint: ``model.config``, ``model.dataset``,
     ``model.guided_filter``, the radius of the image-guided filter its recipe maps with (``train_args``'
     ``guided_filter``; 0 for a checkpoint written before that option, or without training settings, such as
-    a converted published one).
+    a converted published one), and ``model.label_model_weight``. When that weight is above 0 the model is
+    the network with its run's label model voting (:class:`networks.label_model.LabelModelVote`).
+
+    Args:
+        label_model_weight: overrides the checkpoint's ``train_args``' ``label_model_weight`` (None: the
+            checkpoint's, 0 when it has none; 0: the network alone).
+
+    Raises:
+        InputError: a weight above 0 for a checkpoint without a ``label_model`` (a run without
+            ``--refine_labels local``).
     """
     from networks.encoder_decoder import build_model  # local: avoid an import cycle
 
     config = config_from_dict(payload["model_config"])
-    model = build_model(config)
-    load_weights(model, payload["state_dict"], where)
+    network = build_model(config)
+    load_weights(network, payload["state_dict"], where)
+    dataset = load_dataset(payload["dataset"])
+    train_args = payload.get("train_args") or {}
+    weight = float((train_args.get("label_model_weight") or 0) if label_model_weight is None else label_model_weight)
+    model = network
+    if weight > 0:
+        if "label_model" not in payload:
+            raise InputError(f"{where}: --label_model_weight {weight:g} needs the run's label model, and this "
+                             "checkpoint has none (trained without --refine_labels local); 0 maps with the network alone")
+        label_model = label_model_from_state(payload["label_model"], dataset.bands, dataset.num_classes, dataset.mean,
+                                             dataset.std, with_ndvi=train_args.get("refine_features") == "ndvi")
+        model = LabelModelVote(network, label_model, weight)
     model.config = config
-    model.dataset = load_dataset(payload["dataset"])
-    model.guided_filter = int((payload.get("train_args") or {}).get("guided_filter") or 0)
+    model.dataset = dataset
+    model.guided_filter = int(train_args.get("guided_filter") or 0)
+    model.label_model_weight = weight
     return model.to(device).eval()
 
 
@@ -149,7 +171,8 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 def load_model(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Return the model of a project checkpoint, in eval mode on ``device``.
 
-    The model carries ``model.config`` (ConfigDict), ``model.dataset`` (DatasetDefinition) and
-    ``model.guided_filter`` (see :func:`model_from_checkpoint`), so mapping needs nothing but the file.
+    The model carries ``model.config`` (ConfigDict), ``model.dataset`` (DatasetDefinition),
+    ``model.guided_filter`` and ``model.label_model_weight`` (see :func:`model_from_checkpoint`), so mapping
+    needs nothing but the file.
     """
     return model_from_checkpoint(read_checkpoint(path), device=device, where=path)

@@ -172,8 +172,9 @@ def write_raster(out: str, data: np.ndarray, profile: dict) -> None:
 
 
 def train(options: TrainOptions, entries: list[TileEntry], folder: str) -> tuple:
-    """Train on ``entries``; returns what mapping needs: the final model, the dataset, the device and the
-    recipe's guided filter (the optimiser's state is let go)."""
+    """Train on ``entries``; returns what mapping needs: the final model as its maps use it (with the label
+    model's vote under ``--label_model_weight``), the dataset, the device and the recipe's guided filter (the
+    optimiser's state is let go)."""
     from preparation.lists import write_list
     from training.trainer import Trainer
 
@@ -181,7 +182,7 @@ def train(options: TrainOptions, entries: list[TileEntry], folder: str) -> tuple
     write_list(list_path, entries, absolute=True)
     trainer = Trainer(dataclasses.replace(options, list_dir=list_path, out_dir=os.path.join(folder, "run")))
     trainer.fit()
-    return trainer.model, trainer.dataset, trainer.device, options.guided_filter
+    return trainer.mapping_model(), trainer.dataset, trainer.device, options.guided_filter
 
 
 def map_tiles(trained: tuple, test: list[TileEntry], folder: str, chip_size: int, stride: int) -> list[tuple[str, str]]:

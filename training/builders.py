@@ -21,6 +21,7 @@ from dataset.errors import InputError
 from dataset.raster_io import open_raster
 from networks import load_deit_weights, resolve_pretrained
 from networks.config import get_config
+from networks.label_model import BaggedLabelModel, NdviBand
 from training.augment import random_jitter
 from training.chips import (
     ChipBatch,
@@ -34,7 +35,7 @@ from training.distributed import DistributedContext
 from training.logger import RunLogger
 from training.losses import RecipeLoss
 from training.options import TrainOptions
-from training.refine import BaggedLabelModel, LabelRefiner, NdviBand, fit_local_model, seed_non_vegetated
+from training.refine import LabelRefiner, fit_local_model, seed_non_vegetated
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -247,9 +248,9 @@ def label_refiner(options: TrainOptions, dataset: DatasetDefinition, entries: li
     if options.refine_labels != "local":
         return None
     if not dataset.lr_mixes:
+        off = "--refine_labels none" + (" --label_model_weight 0" if options.label_model_weight else "")
         raise InputError(f"--refine_labels local: dataset {dataset.name!r} gives no lr_mixes (the classes each LR "
-                         "code may hold; see docs/training.md); --recipe robust turns it on, --refine_labels none "
-                         "turns it off")
+                         f"code may hold; see docs/training.md); --recipe robust turns it on, {off} turns it off")
     seeding = seeding_plan(options, dataset)
     allowed = dataset.mix_table(with_mixes=True) > 0
     ndvi = None

@@ -42,10 +42,12 @@ def exponent_in_unit_interval(value: float) -> str | None:
 RECIPES = {
     "published": {"label_loss": "hard", "entropy_weight": 0.0, "augment": "none", "jitter": 0.0,
                   "class_balance": 0.0, "optimizer": "sgd", "refine_labels": "none", "refine_seeds": 0.0,
-                  "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.0, "guided_filter": 0},
+                  "refine_jitter": 0.0, "refine_features": "bands", "focus_chips": 0.0, "guided_filter": 0,
+                  "label_model_weight": 0.0},
     "robust": {"label_loss": "focal", "entropy_weight": 0.0, "augment": "d4", "jitter": 0.0,
                "class_balance": 0.75, "optimizer": "sgd", "refine_labels": "local", "refine_seeds": 0.1,
-               "refine_jitter": 0.08, "refine_features": "ndvi", "focus_chips": 0.25, "guided_filter": 4},
+               "refine_jitter": 0.08, "refine_features": "ndvi", "focus_chips": 0.25, "guided_filter": 4,
+               "label_model_weight": 1.0},
 }
 
 
@@ -154,6 +156,13 @@ class TrainOptions(DeviceOptions, TileListOptions):
                                              "follow the image's edges; stored in the checkpoint, does not change "
                                              "training; 0 is off", group="recipe", check=at_least(0),
                                        none_means="the recipe's")
+    label_model_weight: float | None = option(None, "with --refine_labels local: when the checkpoint maps (test.py, "
+                                                    "validation), the label-refinement classifiers' log-probabilities, "
+                                                    "times this weight, are added to the network's logits (a product of "
+                                                    "experts: the network's wide view and their 11 x 11 one); stored in "
+                                                    "the checkpoint, does not change training; 0 maps with the network "
+                                                    "alone", group="recipe", check=at_least(0),
+                                              none_means="the recipe's")
 
     model_config: str = option("vcnet", "model size: vcnet (published), vcnet_normal (width 128), tiny (tests and "
                                         "smoke runs)", choices=CONFIG_NAMES, group="model")
@@ -190,4 +199,8 @@ class TrainOptions(DeviceOptions, TileListOptions):
     def check(self) -> None:
         if self.model_config not in CONFIG_NAMES:
             raise InputError(f"--model_config {self.model_config!r}: choose one of {list(CONFIG_NAMES)}")
+        if self.label_model_weight and self.refine_labels != "local":
+            raise InputError(f"--label_model_weight {self.label_model_weight:g}: the maps' vote comes from the label "
+                             "refinement's classifiers, which only --refine_labels local fits; --label_model_weight 0 "
+                             "turns it off")
         super().check()

@@ -24,67 +24,29 @@ dataset's non-vegetated class are given that class in the classifiers' targets
 (:func:`seed_non_vegetated`), and the classifiers extend it to what looks like them.
 
 With ``--refine_features ndvi`` the classifiers also see NDVI as one more band (:class:`NdviBand`).
+
+The classifiers themselves live in ``networks/label_model.py``: a checkpoint carries them, and with
+``--label_model_weight`` its maps use them too. This module fits them and refines the labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.label_model import RADIUS, LocalLabelModel, NdviBand, local_features, ndvi
 from training.losses import IGNORE_INDEX
 
-#: Half-side of the neighbourhood whose mean and spread describe a pixel (11 x 11 at 5).
-RADIUS = 5
-HIDDEN = 32
 FIT_STEPS = 300
 FIT_BATCH = 8192
 FIT_LR = 1e-2
 #: Pixels drawn from each sampled chip to fit the classifier, and at most this many in all (memory).
 PIXELS_PER_CHIP = 4096
 MAX_FIT_PIXELS = 2_000_000
-
-
-def local_features(x: torch.Tensor, radius: int = RADIUS, ndvi: NdviBand | None = None) -> torch.Tensor:
-    """``(B, 3C, H, W)``: each band, its mean and its standard deviation over the ``2r+1`` square
-    around the pixel (the part of the square inside the chip); with ``ndvi``, of the bands and NDVI."""
-    side = 2 * radius + 1
-    x = x.float() if ndvi is None else ndvi(x)
-    mean = F.avg_pool2d(x, side, stride=1, padding=radius, count_include_pad=False)
-    square = F.avg_pool2d(x * x, side, stride=1, padding=radius, count_include_pad=False)
-    return torch.cat([x, mean, (square - mean * mean).clamp_min(0).sqrt()], dim=1)
-
-
-def ndvi(raw: torch.Tensor, red: int, nir: int) -> torch.Tensor:
-    """``(B, H, W)`` normalised difference vegetation index of raw ``(B, bands, H, W)`` pixels."""
-    r, n = raw[:, red].float(), raw[:, nir].float()
-    return (n - r) / (n + r).clamp_min(1e-6)
-
-
-class NdviBand(nn.Module):
-    """Appends NDVI as one more band to normalised ``(B, bands, H, W)`` images (``--refine_features ndvi``).
-
-    The raw red and NIR values are recovered from the dataset's normalisation; the index is centred
-    and scaled (``(ndvi - 0.2) / 0.2``, about unit spread over vegetated NAIP pixels) to sit beside
-    the normalised bands. A ratio of two bands, it moves less than either band when a flight is
-    brighter or darker. The constants are the dataset's, so it holds no state of its own.
-    """
-
-    CENTRE, SCALE = 0.2, 0.2
-
-    def __init__(self, red: int, nir: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.red, self.nir = red, nir
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        index = ndvi(x * self.std + self.mean, self.red, self.nir)
-        return torch.cat([x, ((index - self.CENTRE) / self.SCALE)[:, None]], dim=1)
 
 
 def seed_non_vegetated(raw: torch.Tensor, codes: torch.Tensor, label: torch.Tensor, shares: torch.Tensor,
@@ -110,26 +72,6 @@ def seed_non_vegetated(raw: torch.Tensor, codes: torch.Tensor, label: torch.Tens
             if count > 0:
                 chip_label[where[torch.topk(-chip_index[where], count).indices]] = target
     return out
-
-
-class LocalLabelModel(nn.Module):
-    """Per-pixel classifier of :func:`local_features` (1 x 1 convolutions: an MLP per pixel), of the image's
-    bands and, with ``ndvi``, of its NDVI as one more band."""
-
-    def __init__(self, bands: int, classes: int, radius: int = RADIUS, hidden: int = HIDDEN,
-                 ndvi: NdviBand | None = None) -> None:
-        super().__init__()
-        self.radius = radius
-        self.ndvi = ndvi
-        inputs = 3 * (bands + (ndvi is not None))
-        self.net = nn.Sequential(nn.Conv2d(inputs, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, classes, 1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, F, H, W)`` per-pixel inputs of normalised ``(B, bands, H, W)`` images."""
-        return local_features(x, self.radius, self.ndvi)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.features(x))
 
 
 def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: int, balance: float, seed: int,
@@ -196,22 +138,6 @@ def fit_local_model(chips: Iterable[tuple[torch.Tensor, torch.Tensor]], classes:
         fitted[:, IGNORE_INDEX] = float("-inf")
         agreement = float((fitted.argmax(1) == y.argmax(1)).float().mean())
     return model, {"pixels": float(len(y)), "agreement": agreement}
-
-
-class BaggedLabelModel(nn.Module):
-    """The mean log-probabilities of several :class:`LocalLabelModel` (each fitted on its own chips)."""
-
-    def __init__(self, members: Sequence[LocalLabelModel]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    @classmethod
-    def empty(cls, bands: int, classes: int, count: int, ndvi: NdviBand | None = None) -> BaggedLabelModel:
-        """``count`` unfitted members, to load a checkpoint's state into."""
-        return cls([LocalLabelModel(bands, classes, ndvi=ndvi) for _ in range(count)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.log_softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
 
 
 class LabelRefiner:

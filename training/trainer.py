@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dataset import load_dataset
 from dataset.errors import InputError
+from networks.label_model import LabelModelVote
 from scoring.report import format_metric
 from training import builders
 from training.augment import random_d4, random_jitter
@@ -299,9 +300,17 @@ class Trainer:
         return InputError(f"{what} at lr {lr:.3g}: lower --base_lr or check the input data; {kept}")
 
     # ------------------------------------------------------------------ validation and checkpoints
+    def mapping_model(self) -> torch.nn.Module:
+        """The network as the run's maps use it (``test.py`` on its checkpoint): unwrapped from DDP, with the
+        label model voting under ``--label_model_weight``."""
+        network = getattr(self.model, "module", self.model)
+        if self.opts.label_model_weight and self.refiner is not None:
+            return LabelModelVote(network, self.refiner.model, self.opts.label_model_weight)
+        return network
+
     def validate(self, epoch: int) -> dict[str, Any]:
         """Map and score the ``--val_list`` tiles (:func:`training.validation.validate`) and log it."""
-        result = validate(self.model, self.val_entries, self.dataset, chip_size=self.opts.chip_size,
+        result = validate(self.mapping_model(), self.val_entries, self.dataset, chip_size=self.opts.chip_size,
                           folder=self.folder.val, ctx=self.ctx, amp=self.amp, guided_filter=self.opts.guided_filter)
         self.log.info(f"validation after epoch {epoch + 1}: OA {format_metric(result['val_overall_accuracy'])}, "
                       f"mIoU {format_metric(result['val_mean_iou'])} ({len(self.val_entries)} tiles, HR reference)")

@@ -307,34 +307,69 @@ def test_auto_test_folder_order_summary_and_first_failure(crops, tiny_checkpoint
     assert json.loads((out / "epoch_2" / "metrics.json").read_text())["tiles"]
 
 
+def _checkpoint_with(tiny_checkpoint, path, train_args, **extra):
+    """The tiny checkpoint's weights saved under ``path`` with these ``train_args`` (and ``extra`` entries)."""
+    from networks.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+
+    payload = read_checkpoint(tiny_checkpoint)
+    save_checkpoint(str(path), model=model_from_checkpoint(payload), model_config=payload["model_config"],
+                    dataset=payload["dataset"], train_args=train_args, **extra)
+    return str(path)
+
+
+def _map_crops(capsys, checkpoint, crops, out_dir, *flags):
+    """test.py on the crops: ``(exit code, stdout, stderr, the first map's classes, its VCNET_WINDOW tag)``
+    (the last two None when there is no map)."""
+    code, out, err = run(TEST_PY, ["--checkpoint", checkpoint, "--list_dir", crops, "--out_dir", str(out_dir),
+                                   *flags, *FAST], capsys)
+    return (code, out, err) + _first_map(crops, out_dir)
+
+
+def _first_map(crops, folder):
+    """The classes and the VCNET_WINDOW tag of the first crop's map in ``folder`` (None, None if absent)."""
+    path = os.path.join(folder, output_name(read_list(crops, required=("image_fn",))[0].image))
+    if not os.path.exists(path):
+        return None, None
+    with rasterio.open(path) as src:
+        return src.read(1), src.tags()["VCNET_WINDOW"]
+
+
 def test_the_checkpoint_s_guided_filter_is_applied_and_recorded(crops, tiny_checkpoint, mapped, tmp_path, capsys):
     """A checkpoint trained with --guided_filter R maps with it, without a flag; --guided_filter overrides it;
     maps made with another filter are not taken for this run's."""
-    from networks.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+    from networks.checkpoint import load_model
 
-    payload = read_checkpoint(tiny_checkpoint)
-    robust = str(tmp_path / "robust.pth")
-    save_checkpoint(robust, model=model_from_checkpoint(payload), model_config=payload["model_config"],
-                    dataset=payload["dataset"], train_args={"recipe": "robust", "guided_filter": 2})
+    robust = _checkpoint_with(tiny_checkpoint, tmp_path / "robust.pth", {"recipe": "robust", "guided_filter": 2})
     assert load_model(robust).guided_filter == 2 and load_model(tiny_checkpoint).guided_filter == 0
-    image = read_list(crops, required=("image_fn",))[0].image
+    plain = _first_map(crops, mapped)[0]
 
-    def classes(folder):
-        with rasterio.open(os.path.join(folder, output_name(image))) as src:
-            return src.read(1), src.tags()["VCNET_WINDOW"]
-
-    code, out, _ = run(TEST_PY, ["--checkpoint", robust, "--list_dir", crops, "--out_dir", str(tmp_path / "a"),
-                                 *FAST], capsys)
+    code, out, _, filtered, window = _map_crops(capsys, robust, crops, tmp_path / "a")
     assert code == 0 and "guided filter of radius 2 on each chip's probabilities (the checkpoint's recipe)" in out
-    filtered, window = classes(tmp_path / "a")
-    assert window == "chip=64 stride=32 guided_filter=2"
-    code, _, _ = run(TEST_PY, ["--checkpoint", tiny_checkpoint, "--list_dir", crops, "--out_dir", str(tmp_path / "b"),
-                               "--guided_filter", "2", *FAST], capsys)
-    assert code == 0 and np.array_equal(classes(tmp_path / "b")[0], filtered)
-    code, _, _ = run(TEST_PY, ["--checkpoint", robust, "--list_dir", crops, "--out_dir", str(tmp_path / "c"),
-                               "--guided_filter", "0", *FAST], capsys)
-    plain = classes(mapped)[0]
-    assert code == 0 and np.array_equal(classes(tmp_path / "c")[0], plain) and not np.array_equal(plain, filtered)
-    code, _, err = run(TEST_PY, ["--checkpoint", robust, "--list_dir", crops, "--out_dir", str(tmp_path / "a"),
-                                 "--guided_filter", "0", *FAST], capsys)
+    assert window == "chip=64 stride=32 guided_filter=2" and not np.array_equal(plain, filtered)
+    assert np.array_equal(_map_crops(capsys, tiny_checkpoint, crops, tmp_path / "b", "--guided_filter", "2")[3],
+                          filtered)
+    assert np.array_equal(_map_crops(capsys, robust, crops, tmp_path / "c", "--guided_filter", "0")[3], plain)
+    code, _, err, _, _ = _map_crops(capsys, robust, crops, tmp_path / "a", "--guided_filter", "0")
     assert code == 2 and "made with checkpoint sha256" in err and "guided filter 2" in err
+
+
+def test_the_checkpoint_s_label_model_votes_and_is_recorded(crops, tiny_checkpoint, mapped, tmp_path, capsys):
+    """A checkpoint trained with --label_model_weight W maps with its label model's vote, without a flag;
+    --label_model_weight 0 maps with the network alone; maps made with another weight are not taken for this
+    run's; a checkpoint without a label model cannot vote."""
+    from networks.label_model import BaggedLabelModel
+
+    torch.manual_seed(3)
+    voting = _checkpoint_with(tiny_checkpoint, tmp_path / "voting.pth",
+                              {"recipe": "robust", "label_model_weight": 1.0, "refine_features": "bands"},
+                              label_model=BaggedLabelModel.empty(4, 5, 2).state_dict())
+    plain = _first_map(crops, mapped)[0]
+
+    code, out, _, voted, window = _map_crops(capsys, voting, crops, tmp_path / "a", "--guided_filter", "0")
+    assert code == 0 and "the run's label model votes with weight 1 (the checkpoint's recipe)" in out
+    assert window == "chip=64 stride=32 label_model_weight=1" and not np.array_equal(plain, voted)
+    assert np.array_equal(_map_crops(capsys, voting, crops, tmp_path / "b", "--label_model_weight", "0")[3], plain)
+    code, _, err, _, _ = _map_crops(capsys, voting, crops, tmp_path / "a", "--label_model_weight", "0.5")
+    assert code == 2 and "made with checkpoint sha256" in err and "label model weight 1" in err
+    code, _, err, _, _ = _map_crops(capsys, tiny_checkpoint, crops, tmp_path / "c", "--label_model_weight", "1")
+    assert code != 0 and "--label_model_weight 1 needs the run's label model" in err

@@ -331,11 +331,15 @@ def test_closing_early_stops_the_reading_and_computing_threads():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("amp, guided", [(False, 0), (True, 0), (False, 4)])
-def test_cuda_class_map_agrees_with_the_cpu(sample_ds, amp, guided):
+@pytest.mark.parametrize("amp, guided, vote", [(False, 0, 0), (True, 0, 0), (False, 4, 0), (False, 4, 1)])
+def test_cuda_class_map_agrees_with_the_cpu(sample_ds, amp, guided, vote):
     """Same stand-in model on CUDA: identical map in float32 up to TF32 near-ties; bf16 close; the guided
-    filter (its solves in float32 on either device) as close as float32."""
+    filter (its solves in float32 on either device) and a label model's vote as close as float32."""
+    from networks.label_model import BaggedLabelModel, LabelModelVote
+
     model = TwoConv().eval()
+    if vote:
+        model = LabelModelVote(model, BaggedLabelModel.empty(4, 5, 2), vote).eval()
     raw = np.random.default_rng(6).integers(0, 256, size=(4, 150, 170), dtype=np.uint8)
 
     def classes(device):

@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.refine import (
-    BaggedLabelModel,
-    LabelRefiner,
-    NdviBand,
-    fit_local_model,
-    local_features,
-    ndvi,
-    seed_non_vegetated,
-)
+from networks.label_model import BaggedLabelModel, NdviBand, local_features, ndvi
+from training.refine import LabelRefiner, fit_local_model, seed_non_vegetated
 
 TREE, GRASS, IMPERVIOUS = 2, 3, 4
 

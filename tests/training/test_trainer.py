@@ -17,6 +17,8 @@ import train
 from dataset import read_list
 from dataset.errors import run_cli
 from networks import load_model, read_checkpoint
+from networks.checkpoint import model_from_checkpoint
+from networks.label_model import LabelModelVote
 from tests.helpers import SAMPLE_LIST, write_geotiff, write_list
 from training.options import TrainOptions
 from training.sampling import poly_lr
@@ -439,12 +441,23 @@ def test_recipe_presets_fill_only_what_is_not_given():
         ("published", "hard", 0.0, "none")
     robust = parse_options(TrainOptions, ["--recipe", "robust", "--entropy_weight", "0.3"])
     assert (robust.label_loss, robust.augment, robust.class_balance, robust.refine_labels, robust.refine_seeds,
-            robust.refine_jitter, robust.refine_features, robust.focus_chips, robust.guided_filter) == \
-        ("focal", "d4", 0.75, "local", 0.1, 0.08, "ndvi", 0.25, 4)
+            robust.refine_jitter, robust.refine_features, robust.focus_chips, robust.guided_filter,
+            robust.label_model_weight) == ("focal", "d4", 0.75, "local", 0.1, 0.08, "ndvi", 0.25, 4, 1.0)
     assert (published.refine_labels, published.class_balance, published.refine_seeds, published.refine_jitter,
-            published.refine_features, published.focus_chips, published.guided_filter) == \
-        ("none", 0.0, 0.0, 0.0, "bands", 0.0, 0)
+            published.refine_features, published.focus_chips, published.guided_filter,
+            published.label_model_weight) == ("none", 0.0, 0.0, 0.0, "bands", 0.0, 0, 0.0)
     assert robust.entropy_weight == 0.3  # given on the command line: wins over the preset
+
+
+def test_the_label_model_s_vote_needs_the_label_model():
+    from dataset.errors import InputError
+    from dataset.options import parse_options
+
+    with pytest.raises(InputError, match="--label_model_weight 1: .* only --refine_labels local fits; "
+                                         "--label_model_weight 0 turns it off"):
+        parse_options(TrainOptions, ["--recipe", "robust", "--refine_labels", "none"])
+    assert parse_options(TrainOptions, ["--recipe", "robust", "--refine_labels", "none",
+                                        "--label_model_weight", "0"]).label_model_weight == 0
 
 
 def test_mix_recipe_trains_with_codes_and_is_resume_exact(tmp_path, four_tiles):
@@ -618,7 +631,7 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
     monkeypatch.setattr(builders, "REFINE_CHIPS_PER_TILE", 2)
     monkeypatch.setattr(builders, "REFINE_BAGS", 2)
     recipe = dict(refine_labels="local", refine_targets=targets, refine_seeds=seeds, class_balance=0.5,
-                  refine_features=features)
+                  refine_features=features, label_model_weight=1.0)
     full = Recording(options(tmp_path / "a", four_tiles, max_epochs=2, **recipe))
     assert full.refiner is not None and full.stream.with_codes
     full.refiner = CountingRefiner(full.refiner)
@@ -635,6 +648,14 @@ def test_label_refinement_trains_on_refined_labels_and_is_resume_exact(tmp_path,
         assert torch.equal(saved, restored)
     resumed.fit()
     assert resumed.seen == full.seen[4:]
+    # validation's maps hear the label model as test.py's do: the run's model equals its checkpoint's
+    voting = resumed.mapping_model()
+    assert isinstance(voting, LabelModelVote) and voting.label_model is resumed.refiner.model
+    loaded = model_from_checkpoint(read_checkpoint(str(tmp_path / "b" / "run" / "last.pth")))
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        for ours, theirs in zip(voting.eval()(x), loaded(x)):
+            torch.testing.assert_close(ours, theirs)
 
 
 # ---------------------------------------------------------------------------- runs: extension, snapshots, settings

@@ -61,6 +61,10 @@ class MappingBenchmarkOptions(SlidingWindowOptions):
     save_probs: bool = option(False, "also write the probability raster", group="benchmark")
     guided_filter: int = option(0, "radius of the image-guided filter of each chip's probabilities (as test.py's); "
                                    "0 is off", group="benchmark", check=at_least(0))
+    label_model_weight: float = option(0.0, "with --model tiny / vcnet: the model votes with a label model of five "
+                                            "members with NDVI, as --recipe robust's (random weights), at this "
+                                            "weight; 0 is off (a --checkpoint maps with its own)",
+                                       group="benchmark", check=at_least(0))
     repeats: int = option(1, "timed runs per size; the fastest is reported (memory: the first)", group="benchmark",
                           check=at_least(1))
     json: str | None = option(None, "also write the results to this JSON file", group="benchmark")
@@ -150,7 +154,14 @@ def _model(args, dataset_name: str = "sample"):
         from networks import build_model, get_config
 
         torch.manual_seed(0)
-        return build_model(get_config(args.model)).eval().to(args.device), dataset
+        model = build_model(get_config(args.model))
+        if args.label_model_weight:
+            from networks.label_model import BaggedLabelModel, LabelModelVote, NdviBand
+
+            ndvi = NdviBand(dataset.bands.index("red"), dataset.bands.index("nir"), dataset.mean, dataset.std)
+            label_model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, 5, ndvi)
+            model = LabelModelVote(model, label_model, args.label_model_weight)
+        return model.eval().to(args.device), dataset
     if args.model == "null":
         return _Null(dataset.num_classes).eval().to(args.device), dataset
     return _Stub(dataset.num_bands, dataset.num_classes).eval().to(args.device), dataset
@@ -221,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"model": args.checkpoint or args.model, "chip_size": args.chip_size, "stride": args.stride,
                        "batch_size": args.batch_size, "num_workers": args.num_workers, "amp_bf16": args.amp,
-                       "guided_filter": args.guided_filter,
+                       "guided_filter": args.guided_filter, "label_model_weight": args.label_model_weight,
                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        "torch_threads": torch.get_num_threads(), "results": results}, fh, indent=2)
     if not exact:
