@@ -123,7 +123,7 @@ def model_from_checkpoint(payload: Mapping[str, Any], device: str | torch.device
 
     Raises:
         InputError: a weight above 0 for a checkpoint without a ``label_model`` (a run without
-            ``--refine_labels local``).
+            ``--refine_labels local``), or whose label model does not fit its dataset and settings.
     """
     from networks.encoder_decoder import build_model  # local: avoid an import cycle
 
@@ -138,8 +138,14 @@ def model_from_checkpoint(payload: Mapping[str, Any], device: str | torch.device
         if "label_model" not in payload:
             raise InputError(f"{where}: --label_model_weight {weight:g} needs the run's label model, and this "
                              "checkpoint has none (trained without --refine_labels local); 0 maps with the network alone")
-        label_model = label_model_from_state(payload["label_model"], dataset.bands, dataset.num_classes, dataset.mean,
-                                             dataset.std, with_ndvi=train_args.get("refine_features") == "ndvi")
+        try:
+            label_model = label_model_from_state(payload["label_model"], dataset.bands, dataset.num_classes,
+                                                 dataset.mean, dataset.std,
+                                                 with_ndvi=train_args.get("refine_features") == "ndvi")
+        except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+            raise InputError(f"{where}: its label model does not match its dataset and settings "
+                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                             ) from None
         model = LabelModelVote(network, label_model, weight)
     model.config = config
     model.dataset = dataset

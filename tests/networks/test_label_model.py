@@ -71,3 +71,6 @@ def test_a_checkpoint_maps_with_its_recipe_s_vote_unless_overridden(tiny_checkpo
         torch.testing.assert_close(model(x)[0], plain(x)[0] + 2.0 * label_model(x))
     with pytest.raises(InputError, match="has none"):
         model_from_checkpoint(payload, label_model_weight=1.0, where="tiny.pth")
+    mismatched = dict(read_checkpoint(voting), train_args={"label_model_weight": 1.0, "refine_features": "bands"})
+    with pytest.raises(InputError, match="voting.pth: its label model does not match its dataset and settings"):
+        model_from_checkpoint(mismatched, where="voting.pth")  # fitted with NDVI, read without
