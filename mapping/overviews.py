@@ -38,11 +38,15 @@ def add_overviews(dst: rasterio.io.DatasetWriter, min_size: int = OVERVIEW_MIN_S
     Returns:
         The factors built (empty for a map under ``min_size``).
     """
+    import rasterio
     from rasterio.enums import Resampling
 
     factors = overview_factors(dst.width, dst.height, min_size)
     if factors:
-        dst.build_overviews(factors, Resampling.mode)
+        # Mode resampling is most of the cost, and it comes after the last row is mapped, when the other
+        # threads are done: GDAL computes it on every core (the levels are the same).
+        with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
+            dst.build_overviews(factors, Resampling.mode)
         # rasterio's convention for recording how the levels were made (``rio overview --ls``).
         dst.update_tags(ns="rio_overview", resampling=Resampling.mode.name)
     return factors

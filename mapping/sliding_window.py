@@ -17,7 +17,7 @@ band of rows: once every chip of grid row ``i`` is added, rows ``[r_i, r_{i+1})`
 further chip, so they are divided, argmaxed, written, and the band moves down. Every pixel gets
 the same float32 additions in the same order as with a whole-tile accumulator, so the result is
 identical (``tests/mapping/test_sliding_window.py`` checks this). Host memory is bounded by the chip batch,
-a few raw bands of ``chip`` image rows (chips are normalised per batch), the accumulators
+a few bands of ``chip`` image rows (each image row read and normalised once), the accumulators
 (``4 * (classes + 1) * chip`` bytes per column) and a capped GDAL block cache, whatever the tile
 height; ``python tools/benchmark.py mapping`` measures it.
 
@@ -26,6 +26,7 @@ Tiles smaller than a chip are reflect-padded up to one chip and the result is cr
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import queue
@@ -212,18 +213,29 @@ def _chip_rows(read_rows: ReadRows, height: int, width: int, chip: int, stride: 
                normalise: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(row, band)`` for each grid row: the ``(C, chip, max(width, chip))`` image band as a
     tensor ready for :func:`_on_device`: normalised already for the CPU, raw and pinned for CUDA
-    (the raw pixels are the smaller copy; pinned memory lets the copy overlap device work)."""
+    (the raw pixels are the smaller copy; pinned memory lets the copy overlap device work).
+
+    Consecutive bands overlap by ``chip - stride`` rows: those are taken from the previous band, so
+    each image row is read (and, on the CPU, normalised) once."""
     padded_w = max(width, chip)
+    previous_row, previous = 0, None
     for row in chip_offsets(height, chip, stride):
-        band = read_rows(row, min(row + chip, height))
-        short_h, short_w = chip - band.shape[1], padded_w - band.shape[2]
-        if short_h or short_w:
-            band = np.pad(band, ((0, 0), (0, short_h), (0, short_w)), mode="reflect")
-        tensor = torch.from_numpy(np.ascontiguousarray(band))
-        if device.type == "cuda":
-            yield row, tensor.pin_memory()
-        else:
-            yield row, normalise(tensor) if normalise else tensor.float()
+        kept = previous_row + chip - row if previous is not None else 0
+        fresh = read_rows(row + kept, min(row + chip, height))
+        short_h, short_w = chip - kept - fresh.shape[1], padded_w - fresh.shape[2]
+        if short_h or short_w:  # a tile smaller than the chip: a single band when short_h
+            fresh = np.pad(fresh, ((0, 0), (0, short_h), (0, short_w)), mode="reflect")
+        tensor = torch.from_numpy(np.ascontiguousarray(fresh))
+        pinned = device.type == "cuda"
+        if not pinned:
+            tensor = normalise(tensor) if normalise else tensor.float()
+        if kept:
+            band = torch.empty((tensor.shape[0], chip, padded_w), dtype=tensor.dtype, pin_memory=pinned)
+            tensor = torch.cat([previous[:, chip - kept:], tensor], dim=1, out=band)
+        elif pinned:
+            tensor = tensor.pin_memory()
+        previous_row, previous = row, tensor
+        yield row, tensor
 
 
 def _on_device(bands: Iterable[tuple[int, torch.Tensor]], device: torch.device,
@@ -247,16 +259,49 @@ def _batches(chips: Iterable[tuple[int, int, torch.Tensor]], size: int
         yield batch
 
 
+@torch.inference_mode()
+def _softmax_of_mean(vit_logits: torch.Tensor, cnn_logits: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+                     ) -> torch.Tensor:
+    """``probs = softmax((vit + cnn) / 2)`` over the classes, through the buffer ``logits`` (the halving is
+    exact in float32; out of place, so the model's outputs stay as they are)."""
+    torch.add(vit_logits.float(), cnn_logits, out=logits).mul_(0.5)
+    return torch.softmax(logits, dim=1, out=probs)
+
+
+@_one_thread
+@torch.inference_mode()
+def _weighted_softmax(vit_logits: torch.Tensor, cnn_logits: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor,
+                      kernel: torch.Tensor) -> None:
+    _softmax_of_mean(vit_logits, cnn_logits, logits, probs).mul_(kernel)
+
+
+@_one_thread
+def _stack(chips: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    torch.stack(list(chips), out=out)
+
+
 class _ChipWork:
     """``softmax((vit + cnn) / 2) * K`` of batches of chips, in buffers reused from batch to batch
     (fresh multi-megabyte tensors cost page faults on the CPU at every batch); with ``guided_filter``
     R > 0 the softmax is filtered with the chip as the guide (:func:`mapping.guided_filter.guided_filter`)
-    before the weighting."""
+    before the weighting.
+
+    On a CPU with more than one intra-op thread, stacking and weighting (one thread each, see
+    :func:`_one_thread`) split each batch in two halves, one of them in a helper thread: per-chip work, so
+    the bits are the same, without the barriers of OpenMP threads (on 2 cores, about 1.5x the speed of
+    one thread when nothing else runs).
+    """
 
     def __init__(self, model: Callable, kernel: torch.Tensor, amp: bool, guided_filter: int = 0):
         self.model, self.kernel, self.guided_filter = model, kernel, guided_filter
         self.autocast = amp and kernel.device.type == "cuda"
         self.buffers: dict[str, torch.Tensor] = {}
+        two_threads = kernel.device.type == "cpu" and torch.get_num_threads() > 1
+        self.helper = concurrent.futures.ThreadPoolExecutor(1) if two_threads else None
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.helper.shutdown()
 
     def _buffer(self, name: str, shape: Sequence[int]) -> torch.Tensor:
         """A ``shape`` view of the buffer ``name``, grown when too small."""
@@ -265,38 +310,38 @@ class _ChipWork:
             held = self.buffers[name] = torch.empty(tuple(shape), device=self.kernel.device)
         return held[:shape[0]]
 
+    def _in_halves(self, function: Callable[..., None], *batches: Sequence[Any], shared: Sequence[Any] = ()) -> None:
+        """``function(*batches, *shared)``, or, with the helper, the same on each half of the batches."""
+        half = len(batches[0]) // 2
+        if self.helper is None or half == 0:
+            function(*batches, *shared)
+            return
+        other = self.helper.submit(function, *(b[half:] for b in batches), *shared)
+        try:
+            function(*(b[:half] for b in batches), *shared)
+        finally:
+            other.result()
+
     def __call__(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
         """Float32 ``(B, C, chip, chip)`` for the ``(bands, chip, chip)`` ``chips``; valid until the next call."""
-        batch = self._stack(chips)
+        batch = self._buffer("chips", (len(chips), *chips[0].shape))
+        self._in_halves(_stack, chips, batch)
         vit_logits, cnn_logits = self._forward(batch)
+        logits, probs = (self._buffer(name, vit_logits.shape) for name in ("logits", "weighted"))
         if self.guided_filter:
-            return self._filtered(vit_logits, cnn_logits, batch)
-        return self._weigh(vit_logits, cnn_logits)
-
-    @_one_thread
-    def _stack(self, chips: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(chips, out=self._buffer("chips", (len(chips), *chips[0].shape)))
+            # on torch's threads, as the model: unlike the memory-bound steps of the weighting, the filter's
+            # products and solves gain from them (on 2 CPU cores 1.7x the chips/s of one thread at chip 64)
+            with torch.inference_mode():
+                probs = guided_filter(batch, _softmax_of_mean(vit_logits, cnn_logits, logits, probs),
+                                      self.guided_filter)
+                return probs.mul_(self.kernel)
+        self._in_halves(_weighted_softmax, vit_logits, cnn_logits, logits, probs, shared=(self.kernel,))
+        return probs
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
             return self.model(batch)
-
-    def _softmax(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor) -> torch.Tensor:
-        # (vit + cnn) / 2 in float32 (halving is exact); out of place, the model's outputs stay as they are
-        logits = torch.add(vit_logits.float(), cnn_logits, out=self._buffer("logits", vit_logits.shape)).mul_(0.5)
-        return torch.softmax(logits, dim=1, out=self._buffer("weighted", logits.shape))
-
-    @_one_thread
-    @torch.inference_mode()
-    def _weigh(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor) -> torch.Tensor:
-        return self._softmax(vit_logits, cnn_logits).mul_(self.kernel)
-
-    @torch.inference_mode()
-    def _filtered(self, vit_logits: torch.Tensor, cnn_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        # on torch's threads, as the model: unlike the memory-bound steps of :meth:`_weigh`, the filter's
-        # products and solves gain from them (on 2 CPU cores 1.7x the chips/s of one thread at chip 64)
-        return guided_filter(batch, self._softmax(vit_logits, cnn_logits), self.guided_filter).mul_(self.kernel)
 
 
 def _blended_strips(model: Callable, read_rows: ReadRows, height: int, width: int, *,
@@ -315,10 +360,10 @@ def _blended_strips(model: Callable, read_rows: ReadRows, height: int, width: in
     current = 0
     reader = _chip_rows(read_rows, height, width, chip_size, stride, device, normalise)
     # closing(): stop the read-ahead thread before the caller closes the source.
-    with contextlib.closing(_prefetch(reader, prefetch)) as bands:
+    with contextlib.closing(_prefetch(reader, prefetch)) as bands, \
+            contextlib.closing(_ChipWork(model, kernel, amp, guided_filter)) as work:
         chips = ((row, col, band[:, :, col:col + chip_size])
                  for row, band in _on_device(bands, device, normalise) for col in cols)
-        work = _ChipWork(model, kernel, amp, guided_filter)
         for batch in _batches(chips, batch_size):
             weighted = work([c for _, _, c in batch])
             for (row, col, _), chip_weighted in zip(batch, weighted):
@@ -391,9 +436,20 @@ class ClassStrip(NamedTuple):
 
 def _class_map(probs: torch.Tensor) -> torch.Tensor:
     """Argmax over the classes as uint8; the first maximum on ties, as ``np.argmax``."""
-    if probs.device.type == "cpu":  # numpy's reduction over the first axis is several times faster on the CPU
-        return torch.from_numpy(np.argmax(probs.numpy(), axis=0).astype(np.uint8))
-    return probs.argmax(0).to(torch.uint8)
+    if probs.device.type != "cpu":
+        return probs.argmax(0).to(torch.uint8)
+    # On the CPU a reduction over the first axis strides through memory (numpy's takes 5x the time
+    # of these passes over contiguous class planes). Classes come in increasing order, so where a
+    # class beats the running maximum it is also larger than the index held: max(index, c * beats).
+    # Where a pixel is NaN every class is (a softmax), and both give 0.
+    best = probs[0].clone()
+    index = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    beats = torch.empty(probs.shape[1:], dtype=torch.bool)
+    for c in range(1, probs.shape[0]):
+        torch.gt(probs[c], best, out=beats)
+        torch.maximum(best, probs[c], out=best)
+        torch.maximum(index, beats.view(torch.uint8).mul(c), out=index)
+    return index
 
 
 @_one_thread

@@ -23,6 +23,7 @@ from dataset.raster_io import normalize
 from mapping.guided_filter import guided_filter
 from mapping.sliding_window import (
     BandNormaliser,
+    _class_map,
     _one_thread,
     center_kernel,
     chip_offsets,
@@ -114,6 +115,13 @@ def whole_tile_oracle(model, image: np.ndarray, chip: int, stride: int, guided: 
     return (acc / cnt)[:, :h, :w]
 
 
+class Elementwise(torch.nn.Module):
+    """Logits that are the same bits whatever the batch and the thread count."""
+
+    def forward(self, x):
+        return x[:, [0, 1, 2, 3, 0]] * 2, x[:, [1, 2, 3, 0, 1]] - 1
+
+
 def strips_of(model, image, chip, stride, **kw):
     """Run the strip-wise mapper on an in-memory image; return (row, probs) list and read log."""
     reads = []
@@ -199,8 +207,19 @@ def test_strip_wise_equals_whole_tile(model, shape):
     got = np.concatenate([p for _, p in strips], axis=1)
     # Same float32 additions in the same order: bit-identical.
     np.testing.assert_array_equal(got, expected)
-    # Memory: never more than one chip of rows read at a time, in order.
+    # Memory: never more than one chip of rows read at a time, in order; each row read once.
     assert all(r1 - r0 <= 32 for r0, r1 in reads) and reads == sorted(reads)
+    assert [r0 for r0, _ in reads] == [0] + [r1 for _, r1 in reads[:-1]] and reads[-1][1] == shape[0]
+
+
+@pytest.mark.parametrize("chip, stride", [(32, 16), (32, 11), (32, 32), (64, 48)])
+def test_overlapping_rows_are_read_once_and_give_the_same_bands(chip, stride):
+    """Bands share ``chip - stride`` rows (more before the flush last one): those come from the previous band."""
+    image = np.random.default_rng(6).normal(size=(4, 150, 40)).astype(np.float32)
+    strips, reads = strips_of(Elementwise(), image, chip, stride, batch_size=3)
+    np.testing.assert_array_equal(np.concatenate([p for _, p in strips], axis=1),
+                                  whole_tile_oracle(Elementwise(), image, chip, stride))
+    assert [r0 for r0, _ in reads] == [0] + [r1 for _, r1 in reads[:-1]] and reads[-1][1] == 150
 
 
 def test_guided_filter_filters_each_chip_before_blending(model):
@@ -209,6 +228,22 @@ def test_guided_filter_filters_each_chip_before_blending(model):
     got = np.concatenate([p for _, p in strips], axis=1)
     np.testing.assert_allclose(got, whole_tile_oracle(model, image, 32, 16, guided=3), rtol=0, atol=1e-6)
     assert np.abs(got - whole_tile_oracle(model, image, 32, 16)).max() > 0.05
+
+
+def test_halves_of_a_batch_in_two_threads_give_the_same_bits():
+    """With more than one torch thread, stacking and weighting split each batch over two threads."""
+    image = np.random.default_rng(3).normal(size=(4, 120, 100)).astype(np.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            strips, _ = strips_of(Elementwise(), image, 32, 16, batch_size=7)
+            results.append(np.concatenate([p for _, p in strips], axis=1))
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[1], whole_tile_oracle(Elementwise(), image, 32, 16))
 
 
 def test_batching_and_read_ahead_do_not_change_the_result(model):
@@ -319,15 +354,33 @@ def test_pipeline_work_runs_on_one_cpu_thread_and_restores_the_setting():
         torch.set_num_threads(threads)
 
 
-def test_closing_early_stops_the_reading_and_computing_threads():
+@pytest.mark.parametrize("torch_threads, helpers", [(1, 0), (2, 1)])
+def test_closing_early_stops_the_reading_and_computing_threads(torch_threads, helpers):
+    """Reading and computing threads, and with more than one torch thread the helper that takes half of
+    each batch: all stop when the caller closes the strips."""
     image = np.zeros((4, 400, 40), dtype=np.float32)
-    before = threading.active_count()
-    strips = iter_class_strips(TwoConv().eval(), lambda r0, r1: image[:, r0:r1], 400, 40, chip_size=32, stride=16,
-                               prefetch=2)
-    next(strips)
-    assert threading.active_count() == before + 2
-    strips.close()
-    assert threading.active_count() == before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        before = threading.active_count()
+        strips = iter_class_strips(TwoConv().eval(), lambda r0, r1: image[:, r0:r1], 400, 40, chip_size=32,
+                                   stride=16, prefetch=2)
+        next(strips)
+        assert threading.active_count() == before + 2 + helpers
+        strips.close()
+        assert threading.active_count() == before
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_class_map_on_the_cpu_is_numpy_s_argmax():
+    """First maximum on ties; a NaN pixel (NaN in every class, as a softmax gives) is class 0."""
+    rng = np.random.default_rng(8)
+    probs = rng.integers(0, 4, size=(5, 60, 70)).astype(np.float32) / 4  # many ties
+    probs[:, 3, 4] = np.nan
+    got = _class_map(torch.from_numpy(probs))
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), np.argmax(probs, axis=0))
 
 
 @pytest.mark.cuda
