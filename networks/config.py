@@ -58,6 +58,9 @@ def get_vcnet_config() -> ml_collections.ConfigDict:
     c.vit.spm_channels = 64  # spatial-prior CNN base width (inplanes)
     # Parity-exact explicit softmax(QK^T)V; set True for F.scaled_dot_product_attention.
     c.vit.fused_attention = False
+    # "triton": the deformable attentions' sampling and sum in one Triton kernel on CUDA, inference only (the
+    # PyTorch reference elsewhere); agrees with it to float32 rounding (docs/performance.md).
+    c.vit.deform_attn_kernel = "pytorch"
 
     c.decoder = ml_collections.ConfigDict()
     c.decoder.head_channels = 512

@@ -19,6 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks import ms_deform_attn_triton
+
+#: What computes the sampling and weighted sum: ``pytorch`` (:func:`ms_deform_attn_core`, the reference,
+#: every device, with gradients) or ``triton`` (one fused kernel on CUDA for inference,
+#: :mod:`networks.ms_deform_attn_triton`; the reference elsewhere and under autograd).
+KERNELS = ("pytorch", "triton")
+
 
 def ms_deform_attn_core(
     value: Tensor,
@@ -58,6 +65,18 @@ def ms_deform_attn_core(
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, D, Lq, L*P)
     output = (stacked * weights.to(stacked.dtype)).sum(-1)  # (B*M, D, Lq)
     return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
+def deform_attn_core(value: Tensor, spatial_shapes: Sequence[tuple[int, int]], sampling_locations: Tensor,
+                     attention_weights: Tensor, kernel: str = "pytorch") -> Tensor:
+    """:func:`ms_deform_attn_core`, by the Triton kernel where ``kernel`` is ``triton``, the tensors are on CUDA,
+    Triton is installed and no gradient is asked for; by the reference otherwise (results agree to float32
+    rounding: the sums run in another order)."""
+    inputs = (value, sampling_locations, attention_weights)
+    if (kernel == "triton" and value.is_cuda and ms_deform_attn_triton.available()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))):
+        return ms_deform_attn_triton.triton_core(value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 def level_reference_points(spatial_shapes: Sequence[tuple[int, int]], device=None, dtype=None) -> Tensor:
@@ -102,6 +121,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, value_dim)
         self.output_proj = nn.Linear(value_dim, d_model)
+        self.kernel = "pytorch"  # see KERNELS; set for the whole backbone by ViT_FuseX
         # (W_l, H_l) per level, by (spatial shapes, device): made once, not at every forward (a
         # host-to-device copy per call would block the host and break CUDA-graph capture).
         self._normalizers: dict[tuple, Tensor] = {}
@@ -151,7 +171,7 @@ class MSDeformAttn(nn.Module):
         normalizer = self._normalizer(spatial_shapes, query.device)
         ref = reference_points if reference_points.dim() == 3 else reference_points.unsqueeze(0)
         locations = ref[:, :, None, None, None, :].float() + offsets / normalizer[None, None, None, :, None, :]
-        output = ms_deform_attn_core(value, spatial_shapes, locations, weights)
+        output = deform_attn_core(value, spatial_shapes, locations, weights, self.kernel)
         return self.output_proj(output.to(value.dtype))
 
     def _normalizer(self, spatial_shapes: Sequence[tuple[int, int]], device: torch.device) -> Tensor:

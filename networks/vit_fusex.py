@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from networks.layers import map_to_tokens, resize, tokens_to_map
-from networks.ms_deform_attn import MSDeformAttn, level_reference_points
+from networks.ms_deform_attn import KERNELS, MSDeformAttn, level_reference_points
 
 LN_EPS = 1e-6
 
@@ -323,6 +323,7 @@ class ViT_FuseX(nn.Module):  # noqa: N801 - the published class name
         extra_extractors: extra extractors in the last stage.
         injector_init: initial injector gamma.
         spm_channels: spatial-prior CNN base width.
+        deform_attn_kernel: what computes the deformable attentions' sampling (``networks.ms_deform_attn.KERNELS``).
     """
 
     def __init__(self, cnn_channels: int = 64, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
@@ -331,7 +332,7 @@ class ViT_FuseX(nn.Module):  # noqa: N801 - the published class name
                  interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
                  deform_num_heads: int = 6, n_points: int = 4, deform_ratio: float = 1.0, cffn_ratio: float = 0.25,
                  mrfp_ratio: float = 6.0, extra_extractors: int = 4, injector_init: float = 0.0,
-                 spm_channels: int = 64) -> None:
+                 spm_channels: int = 64, deform_attn_kernel: str = "pytorch") -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.interaction_indexes = [tuple(int(i) for i in r) for r in interaction_indexes]
@@ -361,6 +362,11 @@ class ViT_FuseX(nn.Module):  # noqa: N801 - the published class name
         self.norm3 = nn.BatchNorm2d(embed_dim)
         self.norm4 = nn.BatchNorm2d(embed_dim)
         self.init_weights(injector_init)
+        if deform_attn_kernel not in KERNELS:
+            raise ValueError(f"deform_attn_kernel must be one of {KERNELS}, not {deform_attn_kernel!r}")
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.kernel = deform_attn_kernel
 
     @torch.no_grad()
     def init_weights(self, injector_init: float = 0.0) -> None:

@@ -8,8 +8,9 @@ up to under 9 minutes), each writing ``<stage>.txt`` (its output) and, for the b
 2. ``cuda_tests``: the tests marked ``cuda`` (CUDA parity at TF32 tolerance, CUDA loop reference,
    CUDA mapping agreement);
 3. ``model_*``: the published-size model at 224, training (batch 16) and inference (batch 64), in
-   float32, bfloat16 and the faster paths (channels-last, fused attention, CUDA graphs,
-   torch.compile of the forward), with the agreement of each path with float32;
+   float32, bfloat16 and the faster paths (channels-last with fused attention, the Triton
+   deformable-attention kernel, CUDA graphs, torch.compile of the forward), with the agreement of
+   each path with float32;
 4. ``mapping_vcnet``: whole-tile mapping of a 10,000 x 10,000 4-band synthetic tile with the
    published-size model (chips/s and km2/s);
 5. ``mapping_null``: the mapping pipeline's own ceiling (a model that costs nothing).
@@ -68,8 +69,10 @@ def stages(smoke: bool) -> list[Stage]:
     plan += [
         _model_stage("model_fp32", [], 45, smoke),
         _model_stage("model_bf16", ["--amp"], 40, smoke),
-        _model_stage("model_bf16_channels_last", ["--amp", "--channels_last"], 40, smoke),
         _model_stage("model_bf16_channels_last_sdpa", ["--amp", "--channels_last", "--fused_attention"], 40, smoke),
+        # The Triton kernel is inference only (training falls back to the reference): forward alone.
+        _model_stage("model_bf16_triton_deform_attn", ["--amp", "--channels_last", "--fused_attention",
+                                                       "--triton_deform_attn", "--no_train"], 35, smoke),
         _model_stage("model_bf16_cuda_graphs", ["--amp", "--channels_last", "--fused_attention", "--cuda_graphs",
                                                 "--no_train"], 35, smoke),
         # Compiling the backward as well would not fit the time limit.

@@ -187,3 +187,82 @@ def test_level_normaliser_is_made_once(monkeypatch):
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
     again = attn(query, ref, values, SHAPES)
     assert made == [] and torch.equal(first, again)
+
+
+# --- the Triton kernel (networks/ms_deform_attn_triton.py) ---------------------------------------
+
+_INTERPRETED = """
+import json, sys, torch
+from networks.ms_deform_attn import ms_deform_attn_core
+from networks.ms_deform_attn_triton import triton_core
+shapes = json.loads(sys.argv[1])
+gaps = []
+for levels, dtype in [(shapes, torch.float32), (shapes, torch.bfloat16), (shapes[:1], torch.float32)]:
+    g = torch.Generator().manual_seed(len(levels))
+    tokens = sum(h * w for h, w in levels)
+    value = torch.randn(2, tokens, 3, 5, generator=g).to(dtype)  # a head width that is not a power of 2
+    locations = torch.rand(2, 37, 3, len(levels), 4, 2, generator=g) * 1.6 - 0.3  # 37: two blocks, the 2nd partial
+    weights = torch.rand(2, 37, 3, len(levels), 4, generator=g).softmax(-1)
+    expected = ms_deform_attn_core(value, levels, locations, weights)
+    got = triton_core(value, levels, locations, weights)
+    gaps.append([list(got.shape) == list(expected.shape), got.dtype == torch.float32,
+                 (got - expected).abs().max().item(), expected.abs().max().item()])
+print(json.dumps(gaps))
+"""
+
+
+def test_triton_kernel_matches_the_reference_in_triton_s_interpreter():
+    """The kernel itself, run on the CPU by Triton's interpreter (it needs TRITON_INTERPRET=1 before Triton is
+    imported: a process of its own): three levels and one, float32 and bfloat16 values, points outside."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED, json.dumps(SHAPES)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    gaps = json.loads(done.stdout.strip().splitlines()[-1])
+    for same_shape, float32, gap, scale in gaps:
+        assert same_shape and float32 and scale > 0.5
+        assert gap < 1e-5  # float32 sums in another order than grid_sample's
+
+
+def test_triton_setting_runs_the_reference_where_the_kernel_cannot(monkeypatch):
+    """On the CPU (and under autograd, and without Triton) ``kernel='triton'`` is the reference, bit for bit."""
+    attn, query, values, ref = _random_module()
+    expected = attn(query, ref, values, SHAPES)
+    attn.kernel = "triton"
+    torch.testing.assert_close(attn(query, ref, values, SHAPES), expected, rtol=0, atol=0)
+    monkeypatch.setattr(ms_deform_attn_module.ms_deform_attn_triton, "available", lambda: False)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(query, ref, values, SHAPES), expected, rtol=0, atol=0)
+
+
+def test_the_kernel_setting_reaches_every_deformable_attention():
+    from networks import build_model, get_config
+
+    config = get_config("tiny")
+    config.vit.deform_attn_kernel = "triton"
+    kernels = {m.kernel for m in build_model(config).modules() if isinstance(m, MSDeformAttn)}
+    assert kernels == {"triton"}
+    assert {m.kernel for m in build_model(get_config("tiny")).modules() if isinstance(m, MSDeformAttn)} == {"pytorch"}
+    config.vit.deform_attn_kernel = "cuda"
+    with pytest.raises(ValueError, match="deform_attn_kernel"):
+        build_model(config)
+
+
+@pytest.mark.cuda
+def test_triton_kernel_agrees_with_the_reference_on_cuda():
+    """Compiled for the GPU: inference agrees to float32 rounding; under autograd the reference runs."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    attn, query, values, ref = (t.cuda() for t in _random_module())
+    expected = attn(query, ref, values, SHAPES)
+    attn.kernel = "triton"
+    with torch.no_grad():
+        fused = attn(query, ref, values, SHAPES)
+    assert (fused - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(attn(query, ref, values, SHAPES), expected, rtol=0, atol=0)

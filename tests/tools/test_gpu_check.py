@@ -13,7 +13,7 @@ def test_gpu_plan_fits_nine_minutes_and_covers_every_path():
     names = [stage.name for stage in plan]
     assert names[:2] == ["device", "cuda_tests"] and {"mapping_vcnet", "mapping_null"} <= set(names)
     models = [stage for stage in plan if stage.name.startswith("model_")]
-    assert {"model_fp32", "model_bf16"} <= {stage.name for stage in models}
+    assert {"model_fp32", "model_bf16", "model_bf16_triton_deform_attn"} <= {stage.name for stage in models}
     for stage in models:
         assert "--agreement" in stage.argv and stage.argv[stage.argv.index("--device") + 1] == "cuda"
     tile = next(stage for stage in plan if stage.name == "mapping_vcnet").argv

@@ -12,6 +12,7 @@ grid-sample, softmax, norms and interpolation are not counted), as in docs/desig
 
 The faster paths combine freely: ``--amp`` (bfloat16 autocast; deformable sampling, softmax and
 losses stay float32), ``--channels_last``, ``--fused_attention`` (``F.scaled_dot_product_attention``),
+``--triton_deform_attn`` (the deformable attentions' sampling and sum in one Triton kernel; CUDA, inference),
 ``--compile`` (``torch.compile``), ``--cuda_graphs`` (inference replayed from a CUDA graph).
 ``--agreement`` compares the path's forward with the default float32 path on the same weights and
 chips: largest logit difference and the share of pixels whose class (argmax of
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--fused_attention", action="store_true", help="F.scaled_dot_product_attention in ViT blocks")
+    parser.add_argument("--triton_deform_attn", action="store_true",
+                        help="the deformable attentions' sampling in one Triton kernel (CUDA, inference only)")
     parser.add_argument("--channels_last", action="store_true", help="channels-last memory format (model and chips)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cuda_graphs", action="store_true", help="inference replayed from a CUDA graph (CUDA only)")
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     reference = build_model(config).to(device).eval() if args.agreement else None  # the default path
     config.vit.fused_attention = args.fused_attention
+    config.vit.deform_attn_kernel = "triton" if args.triton_deform_attn else "pytorch"
     torch.manual_seed(0)
     model = build_model(config).to(device)
     if args.channels_last:
@@ -187,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         "config": args.config, "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "chip_size": args.chip_size,
         "batch_size": args.batch_size, "forward_batch_size": forward_batch, "amp_bf16": args.amp,
-        "fused_attention": args.fused_attention, "channels_last": args.channels_last, "compile": args.compile,
+        "fused_attention": args.fused_attention, "triton_deform_attn": args.triton_deform_attn,
+        "channels_last": args.channels_last, "compile": args.compile,
         "cuda_graphs": args.cuda_graphs, "parameters": params, "gflops_per_chip": round(gflops, 2),
     }
     if device.type == "cuda":
