@@ -23,6 +23,7 @@ from dataset.raster_io import normalize
 from mapping.guided_filter import guided_filter
 from mapping.sliding_window import (
     BandNormaliser,
+    _chip_rows,
     _class_map,
     _one_thread,
     center_kernel,
@@ -220,6 +221,28 @@ def test_overlapping_rows_are_read_once_and_give_the_same_bands(chip, stride):
     np.testing.assert_array_equal(np.concatenate([p for _, p in strips], axis=1),
                                   whole_tile_oracle(Elementwise(), image, chip, stride))
     assert [r0 for r0, _ in reads] == [0] + [r1 for _, r1 in reads[:-1]] and reads[-1][1] == 150
+
+
+def test_bands_for_cuda_are_the_raw_rows_each_read_once(monkeypatch):
+    """The CUDA branch of the reader (raw uint8 rows in pinned memory, normalised on the device), run here with
+    pinning made a no-op: each band holds exactly the image's rows, width-padded, and each row is read once."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    image = np.random.default_rng(7).integers(0, 256, size=(4, 100, 20), dtype=np.uint8)
+    reads = []
+
+    def read_rows(r0, r1):
+        reads.append((r0, r1))
+        return image[:, r0:r1]
+
+    bands = list(_chip_rows(read_rows, 100, 20, 32, 11, torch.device("cuda"), normalise=None))
+    assert [row for row, _ in bands] == chip_offsets(100, 32, 11)
+    padded = np.pad(image, ((0, 0), (0, 0), (0, 12)), mode="reflect")
+    for row, band in bands:
+        assert band.dtype == torch.uint8
+        np.testing.assert_array_equal(band.numpy(), padded[:, row:row + 32])
+    assert [r0 for r0, _ in reads] == [0] + [r1 for _, r1 in reads[:-1]] and reads[-1][1] == 100
 
 
 def test_guided_filter_filters_each_chip_before_blending(model):
