@@ -334,6 +334,8 @@ class ViT_FuseX(nn.Module):  # noqa: N801 - the published class name
                  mrfp_ratio: float = 6.0, extra_extractors: int = 4, injector_init: float = 0.0,
                  spm_channels: int = 64, deform_attn_kernel: str = "pytorch") -> None:
         super().__init__()
+        if deform_attn_kernel not in KERNELS:
+            raise ValueError(f"deform_attn_kernel must be one of {KERNELS}, not {deform_attn_kernel!r}")
         self.embed_dim = embed_dim
         self.interaction_indexes = [tuple(int(i) for i in r) for r in interaction_indexes]
         if len(self.interaction_indexes) != 4:
@@ -362,8 +364,6 @@ class ViT_FuseX(nn.Module):  # noqa: N801 - the published class name
         self.norm3 = nn.BatchNorm2d(embed_dim)
         self.norm4 = nn.BatchNorm2d(embed_dim)
         self.init_weights(injector_init)
-        if deform_attn_kernel not in KERNELS:
-            raise ValueError(f"deform_attn_kernel must be one of {KERNELS}, not {deform_attn_kernel!r}")
         for module in self.modules():
             if isinstance(module, MSDeformAttn):
                 module.kernel = deform_attn_kernel
