@@ -218,6 +218,7 @@ def _chip_rows(read_rows: ReadRows, height: int, width: int, chip: int, stride: 
     Consecutive bands overlap by ``chip - stride`` rows: those are taken from the previous band, so
     each image row is read (and, on the CPU, normalised) once."""
     padded_w = max(width, chip)
+    pinned = device.type == "cuda"
     previous_row, previous = 0, None
     for row in chip_offsets(height, chip, stride):
         kept = previous_row + chip - row if previous is not None else 0
@@ -226,7 +227,6 @@ def _chip_rows(read_rows: ReadRows, height: int, width: int, chip: int, stride: 
         if short_h or short_w:  # a tile smaller than the chip: a single band when short_h
             fresh = np.pad(fresh, ((0, 0), (0, short_h), (0, short_w)), mode="reflect")
         tensor = torch.from_numpy(np.ascontiguousarray(fresh))
-        pinned = device.type == "cuda"
         if not pinned:
             tensor = normalise(tensor) if normalise else tensor.float()
         if kept:

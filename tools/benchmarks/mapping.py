@@ -157,9 +157,10 @@ def _model(args, dataset_name: str = "sample"):
         model = build_model(get_config(args.model))
         if args.label_model_weight:
             from networks.label_model import BaggedLabelModel, LabelModelVote, NdviBand
+            from training.builders import REFINE_BAGS
 
             ndvi = NdviBand(dataset.bands.index("red"), dataset.bands.index("nir"), dataset.mean, dataset.std)
-            label_model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, 5, ndvi)
+            label_model = BaggedLabelModel.empty(dataset.num_bands, dataset.num_classes, REFINE_BAGS, ndvi)
             model = LabelModelVote(model, label_model, args.label_model_weight)
         return model.eval().to(args.device), dataset
     if args.model == "null":
