@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 #: Ridge of the per-window fits, in units of the normalised bands' variance (about 1): the smallest band
-#: variation inside a window that counts as an edge. Measured at 0.01 with R = 4 (docs/training.md).
+#: variation inside a window that counts as an edge. Measured at 0.01 with R = 4 (docs/map_quality.md).
 GUIDED_EPS = 0.01
 
 

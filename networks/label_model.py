@@ -112,7 +112,7 @@ class LabelModelVote(nn.Module):
     ``softmax((vit + cnn) / 2 + W * log p_label_model)``: a product of experts, the network's wide view
     and the classifiers' 11 x 11 one, where what only one of them supports loses weight. Why: whether
     the network takes a rare class up varies from seed to seed, while the classifiers are taught it
-    directly (NDVI seeds) but alone also give it to look-alikes (docs/training.md). Mapping only; the
+    directly (NDVI seeds) but alone also give it to look-alikes (docs/map_quality.md). Mapping only; the
     training loss never sees it.
     """
 

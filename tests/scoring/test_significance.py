@@ -32,7 +32,7 @@ def test_signed_rank_p_weighs_each_difference_by_its_size():
     ((3, 4, 1, 4), 34 / 70),  # the tea-tasting table: tables 3-1, 4-0 and their mirrors, (16 + 1 + 1 + 16) / 70
     ((2, 4, 2, 4), 1.0),
     ((4, 4, 0, 4), 2 / 70),  # only the two extreme tables
-    ((18, 30, 8, 30), 0.018244),  # docs/training.md: focal and focus, impervious above NLCD's
+    ((18, 30, 8, 30), 0.018244),  # docs/map_quality.md: focal and focus, impervious above NLCD's
 ])
 def test_fisher_exact_p_sums_the_tables_no_more_likely(counts, p):
     found = fisher_exact_p(*counts)
