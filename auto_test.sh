@@ -27,6 +27,7 @@ Options:
   --batch_size N     chips per forward pass (default: 16)
   --chip_size N      sliding-window chip (default: 224)
   --stride N         sliding-window stride (default: 112)
+  --image_nodata V   auto, none or a value: image pixels that are no data (default: auto, the tile's own)
   --amp              bfloat16 autocast on CUDA
   --overwrite        re-map tiles whose maps exist (default: keep them, so a rerun resumes)
   --preview          also write a preview PNG per tile
@@ -60,7 +61,7 @@ while [[ $# -gt 0 ]]; do
         -h|--help) usage; exit 0 ;;
         --list_dir) need_value "$@"; LIST=(--list_dir "$2"); shift 2 ;;
         --dataset|--list_root) need_value "$@"; MAP_ARGS+=("$1" "$2"); SCORE_ARGS+=("$1" "$2"); shift 2 ;;
-        --device|--gpu|--batch_size|--chip_size|--stride) need_value "$@"; MAP_ARGS+=("$1" "$2"); shift 2 ;;
+        --device|--gpu|--batch_size|--chip_size|--stride|--image_nodata) need_value "$@"; MAP_ARGS+=("$1" "$2"); shift 2 ;;
         --amp|--overwrite|--preview) MAP_ARGS+=("$1"); shift ;;
         --out_dir) need_value "$@"; OUT="$2"; shift 2 ;;
         --python) need_value "$@"; PY="$2"; shift 2 ;;

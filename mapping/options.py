@@ -6,6 +6,7 @@ import dataclasses
 
 from dataset.errors import InputError
 from dataset.options import Options, TileListOptions, at_least, multiple_of, option, override
+from mapping.nodata import AUTO, check_image_nodata
 from mapping.overviews import OVERVIEW_MIN_SIZE
 from networks.config import SIZE_MULTIPLE
 from runtime.device import DeviceOptions
@@ -75,6 +76,11 @@ class MapOptions(DeviceOptions, TileListOptions, SlidingWindowOptions):
                                                     "with --refine_labels local", group="sliding window",
                                               check=at_least(0),
                                               none_means="the checkpoint's recipe's: 1 for --recipe robust, else 0")
+    image_nodata: str = option(AUTO, "image pixels whose every band holds this value are no data: the map writes 0 "
+                                     "(its nodata) there. auto: the tile's declared nodata value (none declared: every "
+                                     "pixel is mapped); a number: that value; none: map every pixel, as published "
+                                     "(docs/mapping.md)", metavar="{auto,none,VALUE}", group="data",
+                               check=check_image_nodata)
     shard: str | None = option(None, "map only shard K of N (K counted from 0): every N-th tile of the list from "
                                      "the K-th, e.g. --shard $SLURM_ARRAY_TASK_ID/100; under torchrun the ranks "
                                      "split the shard", metavar="K/N", group="data", none_means="the whole list")

@@ -31,6 +31,7 @@ from dataset.checks import imagery_scale_warning
 from dataset.errors import InputError
 from dataset.files import check_output_folder, locked_in_turn, remove_stale_temporaries
 from dataset.raster_io import check_bands, open_raster
+from mapping.nodata import AUTO
 from mapping.options import MapOptions
 from mapping.overviews import OVERVIEW_MIN_SIZE
 from mapping.preview import write_preview
@@ -135,7 +136,8 @@ def needs_mapping(out: str, probs: str | None, provenance: str | None, log: Call
 def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride: int = 112, batch_size: int = 16,
              device: str | torch.device = "cpu", amp: bool = False, num_workers: int = 0, overwrite: bool = False,
              progress: Callable | None = None, log: Callable[[str], None] = print,
-             provenance: str | None = None, guided_filter: int | None = None) -> dict[str, list[str]]:
+             provenance: str | None = None, guided_filter: int | None = None, image_nodata: str = AUTO
+             ) -> dict[str, list[str]]:
     """Map every tile of ``plan`` (and write probabilities and previews if asked).
 
     Every existing output is checked before the first tile is mapped (:func:`needs_mapping`). Each
@@ -145,7 +147,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
     A tile still to map that another process is mapping (a second run into the folder) is left
     until the other tiles are done, then waited for and checked again: skipped if that process
     completed it with the same checkpoint and settings, mapped if it did not, refused if it made
-    it with others. ``guided_filter`` is :func:`~mapping.writer.map_tile`'s (None: the model's).
+    it with others. ``guided_filter`` (None: the model's) and ``image_nodata`` are :func:`~mapping.writer.map_tile`'s.
 
     Returns:
         ``{"mapped": [...], "skipped": [...]}`` output paths; skipped tiles already had outputs.
@@ -171,7 +173,7 @@ def map_list(model, plan: MappingPlan, *, dataset, chip_size: int = 224, stride:
                 map_tile(model, entry.image, out, dataset=dataset, chip_size=chip_size, stride=stride,
                          batch_size=batch_size, device=device, amp=amp, overwrite=True, probs_path=probs,
                          num_workers=num_workers, overview_min_size=plan.overview_min_size, provenance=provenance,
-                         guided_filter=guided_filter)
+                         guided_filter=guided_filter, image_nodata=image_nodata)
                 done["mapped"].append(out)
                 log(f"mapped {entry.image} -> {out}")
             png = plan.preview_path(out)
@@ -202,7 +204,7 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
         log(f"the run's label model votes with weight {model.label_model_weight:g}"
             + (" (the checkpoint's recipe)" if options.label_model_weight is None else ""))
     provenance = map_provenance(digest.hexdigest(), dataset.name, options.chip_size, options.stride, guided,
-                                model.label_model_weight)
+                                model.label_model_weight, options.image_nodata)
     _, entries = options.read_list(dataset, required=("image_fn",))
     rank, world, _ = distributed_rank()
     entries = tile_share(entries, options.shard_index, rank, world)
@@ -215,4 +217,4 @@ def run_mapping(options: MapOptions, progress: Callable | None = None,
     return map_list(model, plan, dataset=dataset, chip_size=options.chip_size, stride=options.stride,
                     batch_size=options.batch_size, device=device, amp=options.amp, num_workers=options.num_workers,
                     overwrite=options.overwrite, progress=progress, log=log, provenance=provenance,
-                    guided_filter=guided)
+                    guided_filter=guided, image_nodata=options.image_nodata)

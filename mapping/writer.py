@@ -33,6 +33,7 @@ from dataset.raster_io import (
     written_raster,
 )
 from mapping.legend import category_names_path, write_category_names
+from mapping.nodata import AUTO, NodataRows, image_nodata_value
 from mapping.overviews import OVERVIEW_MIN_SIZE, add_overviews
 from mapping.sliding_window import iter_class_strips
 
@@ -132,11 +133,14 @@ def _output_tags(dataset, image_path: str, chip_size: int, stride: int, guided_f
 
 
 def map_provenance(checkpoint_sha256: str, dataset_name: str, chip_size: int, stride: int,
-                   guided_filter: int = 0, label_model_weight: float = 0.0) -> str:
+                   guided_filter: int = 0, label_model_weight: float = 0.0, image_nodata: str = AUTO) -> str:
     """The :data:`PROVENANCE_TAG` value of maps made with these settings (the guided filter and the label model's
-    vote only when on, so that maps made before they existed stay current)."""
+    vote only when on, ``--image_nodata`` only when not ``auto``, so that maps made before they existed stay
+    current)."""
     made = {"checkpoint_sha256": checkpoint_sha256, "dataset": dataset_name, "chip_size": chip_size, "stride": stride}
     made.update(_recipe_settings(guided_filter, label_model_weight))
+    if image_nodata != AUTO:
+        made["image_nodata"] = image_nodata
     return json.dumps(made, sort_keys=True)
 
 
@@ -146,8 +150,9 @@ def describe_provenance(text: str | None) -> str:
         made = json.loads(text or "")
         guided = f", guided filter {made['guided_filter']}" if made.get("guided_filter") else ""
         vote = f", label model weight {made['label_model_weight']:g}" if made.get("label_model_weight") else ""
+        nodata = f", image nodata {made['image_nodata']}" if "image_nodata" in made else ""
         return (f"checkpoint sha256 {made['checkpoint_sha256'][:12]}, dataset {made['dataset']}, "
-                f"chip {made['chip_size']} / stride {made['stride']}{guided}{vote}")
+                f"chip {made['chip_size']} / stride {made['stride']}{guided}{vote}{nodata}")
     except (ValueError, TypeError, KeyError):
         return "unknown settings (no provenance tag: an older version or another program)"
 
@@ -175,7 +180,7 @@ def outputs_exist(out_path: str, probs_path: str | None = None) -> bool:
 def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_size: int = 224, stride: int = 112,
              batch_size: int = 16, device: str | torch.device = "cpu", amp: bool = False, overwrite: bool = False,
              probs_path: str | None = None, num_workers: int = 0, overview_min_size: int = OVERVIEW_MIN_SIZE,
-             provenance: str | None = None, guided_filter: int | None = None) -> str:
+             provenance: str | None = None, guided_filter: int | None = None, image_nodata: str = AUTO) -> str:
     """Map one GeoTIFF tile into a class-map GeoTIFF (docs/design.md §7).
 
     The output is uint8, one band, with the input's size, CRS and transform, nodata 0, the
@@ -206,6 +211,9 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
             a checkpoint carries its recipe's, :func:`networks.checkpoint.model_from_checkpoint`), else 0.
             (A model whose maps hear its label model, :class:`networks.label_model.LabelModelVote`, has its
             ``label_model_weight`` named in the map's tags and provenance.)
+        image_nodata: which image pixels are no data, written 0 in the map (and in the probabilities): those
+            whose every band holds the tile's declared nodata value (``"auto"``), this value (a number as
+            text), or none (``"none"``, every pixel mapped as published); :mod:`mapping.nodata`.
 
     Returns:
         ``out_path``.
@@ -238,8 +246,13 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
                 tmp = stack.enter_context(written_raster(path, "probabilities" if probabilities else "class map"))
                 dst = stack.enter_context(_open_output(tmp, src, dataset, probabilities, tags))
                 writers.append(BlockRowWriter(dst))
+            def read_rows(r0: int, r1: int) -> np.ndarray:
+                return read_window(src, Window(0, r0, src.width, r1 - r0))
+
+            nodata_value = image_nodata_value(image_nodata, src.nodata)
+            nodata = NodataRows(read_rows, nodata_value) if nodata_value is not None else None
             strips = stack.enter_context(contextlib.closing(iter_class_strips(
-                module, lambda r0, r1: read_window(src, Window(0, r0, src.width, r1 - r0)), src.height, src.width,
+                module, nodata.read_rows if nodata else read_rows, src.height, src.width,
                 mean=dataset.mean, std=dataset.std, chip_size=chip_size, stride=stride, batch_size=batch_size,
                 device=device, amp=amp, prefetch=num_workers, guided_filter=guided_filter,
                 probabilities=probs_path is not None)))
@@ -247,6 +260,8 @@ def map_tile(model: Callable, image_path: str, out_path: str, *, dataset, chip_s
                 if strip.num_classes != dataset.num_classes:
                     raise InputError(f"{image_path}: the model outputs {strip.num_classes} classes, dataset "
                                      f"{dataset.name!r} has {dataset.num_classes}")
+                if nodata:
+                    nodata.blank(strip.row, strip.classes, strip.probs)
                 writers[0].add(strip.classes[None])
                 if probs_path:
                     writers[1].add(strip.probs)

@@ -373,3 +373,22 @@ def test_the_checkpoint_s_label_model_votes_and_is_recorded(crops, tiny_checkpoi
     assert code == 2 and "made with checkpoint sha256" in err and "label model weight 1" in err
     code, _, err, _, _ = _map_crops(capsys, tiny_checkpoint, crops, tmp_path / "c", "--label_model_weight", "1")
     assert code != 0 and "--label_model_weight 1 needs the run's label model" in err
+
+
+def test_image_nodata_reaches_the_maps_and_their_provenance(crops, tiny_checkpoint, tmp_path, capsys):
+    """Pixels at the tile's declared nodata in every band are written 0 through test.py; --image_nodata none
+    maps them; maps made with another setting are not taken for this run's; a bad value is refused."""
+    entry = read_list(crops, required=("image_fn", "label_fn", "hr_label_fn"))[0]
+    with rasterio.open(entry.image) as src:
+        image = src.read()
+    image[:, 10:30, 5:25] = 0
+    holed = write_geotiff(str(tmp_path / "holed_naip.tif"), image, nodata=0)
+    listed = write_list(tmp_path / "holed.csv", [[holed, entry.label, entry.hr_label]])
+    code, _, _, classes, _ = _map_crops(capsys, tiny_checkpoint, listed, tmp_path / "auto")
+    assert code == 0 and (classes[10:30, 5:25] == 0).all() and (classes[30:] > 0).all()
+    code, _, _, classes, _ = _map_crops(capsys, tiny_checkpoint, listed, tmp_path / "none", "--image_nodata", "none")
+    assert code == 0 and (classes > 0).all()
+    code, _, err, _, _ = _map_crops(capsys, tiny_checkpoint, listed, tmp_path / "none")
+    assert code == 2 and "made with checkpoint sha256" in err and "image nodata none" in err
+    code, _, err, _, _ = _map_crops(capsys, tiny_checkpoint, listed, tmp_path / "bad", "--image_nodata", "zero")
+    assert code == 2 and err == "error: --image_nodata zero: give auto, none or a number (e.g. 0)\n"
