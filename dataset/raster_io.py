@@ -68,6 +68,12 @@ def read_strips(src: rasterio.DatasetReader, strip_rows: int = STRIP_ROWS) -> It
         yield top, read_window(src, Window(0, top, src.width, min(strip_rows, src.height - top)), bands=[1])[0]
 
 
+def no_image(data: np.ndarray, value: float) -> np.ndarray:
+    """``(h, w)`` bool: the pixels of ``data`` ``(bands, h, w)`` whose every band holds ``value`` (NaN matches NaN),
+    which have no image when ``value`` is the raster's no-data value."""
+    return np.isnan(data).all(axis=0) if np.isnan(value) else (data == value).all(axis=0)
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Per-band ``(x - mean) / std`` computed in float64 and cast to float32 (docs/design.md §2).
 

@@ -4,8 +4,8 @@ A tile declares its no-data value in its metadata (GDAL's nodata: the fill beyon
 image's footprint, usually 0). A pixel whose every band holds that value has no image, so its map pixel is
 written 0, the map's nodata, which viewers show as transparent and mosaics fill from the map below
 (``--image_nodata``: ``auto`` uses the declared value; a number declares one for tiles that lack it; ``none``
-maps every pixel, as the published code does). The model still sees those pixels inside the chips around
-them, as it saw them in training (whose chips never hold one: the published no-data rule).
+maps every pixel, as the published code does). Only the output is masked: the chips around those pixels
+still hold them (training chips never do: the published no-data rule, extended to the declared value).
 
 GDAL's masks are not used: NAIP files often tag their fourth band, near infrared, as alpha, and every pixel
 with NIR 0 (deep water) would then count as no data.
@@ -13,11 +13,12 @@ with NIR 0 (deep water) would then count as no data.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 
 import numpy as np
+
+from dataset.raster_io import no_image
 
 #: ``--image_nodata`` values that are not numbers.
 AUTO, NONE = "auto", "none"
@@ -42,11 +43,6 @@ def image_nodata_value(setting: str, declared: float | None) -> float | None:
     return None if setting == NONE else float(setting)
 
 
-def _no_image(data: np.ndarray, value: float) -> np.ndarray:
-    """``(h, w)`` bool: where every band of ``data`` ``(bands, h, w)`` holds ``value``."""
-    return np.isnan(data).all(axis=0) if math.isnan(value) else (data == value).all(axis=0)
-
-
 class NodataRows:
     """Image rows read through :meth:`read_rows`, which also notes the rows' no-data pixels for the map.
 
@@ -62,7 +58,7 @@ class NodataRows:
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         data = self._read(r0, r1)
-        missing = _no_image(data, self.value)
+        missing = no_image(data, self.value)
         with self._lock:
             self._noted.append((r0, r1, missing if missing.any() else None))
         return data

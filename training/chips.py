@@ -36,7 +36,7 @@ from rasterio.windows import Window
 
 from dataset import DatasetDefinition, TileEntry
 from dataset.errors import InputError
-from dataset.raster_io import STRIP_ROWS, check_same_grid, open_raster, read_strips, read_window
+from dataset.raster_io import STRIP_ROWS, check_same_grid, no_image, open_raster, read_strips, read_window
 from training.sampling import centre_on_points, chip_positions, epoch_order, focus_rng, shard, tile_rng
 
 TORCH_PIXEL_TYPES = ("uint8", "int8", "int16", "int32", "int64", "float32", "float64")
@@ -67,17 +67,23 @@ class WorkerDone(NamedTuple):
 StreamItem = ChipBatch | TileNotice | StreamError | WorkerDone
 
 
-def chip_is_valid(raw_label: np.ndarray, image: np.ndarray | None, nodata: Sequence[int]) -> bool:
-    """The published chip rule: no label pixel is a no-data code and no pixel has all bands 0.
+def chip_is_valid(raw_label: np.ndarray, image: np.ndarray | None, nodata: Sequence[int],
+                  image_nodata: float | None = None) -> bool:
+    """The published chip rule: no label pixel is a no-data code and no pixel has all bands 0; nor, when the
+    image declares a no-data value, all bands at that value (the pixels ``test.py`` writes as nodata).
 
     Args:
         raw_label: ``(S, S)`` raw label codes.
         image: ``(bands, S, S)`` raw pixels, or None to check the label only.
         nodata: the raw no-data codes of the label product.
+        image_nodata: the image's declared no-data value (None: none).
     """
     if len(nodata) and np.isin(raw_label, nodata).any():
         return False
-    return image is None or not (image == 0).all(axis=0).any()
+    if image is None:
+        return True
+    values = [0] if image_nodata is None or image_nodata == 0 else [0, image_nodata]
+    return not any(no_image(image, value).any() for value in values)
 
 
 class ChipStream(torch.utils.data.IterableDataset):
@@ -206,7 +212,7 @@ class ChipStream(torch.utils.data.IterableDataset):
         if not chip_is_valid(raw, None, self.nodata):
             return None
         image = read_window(image_src, window)
-        if not chip_is_valid(raw, image, ()):
+        if not chip_is_valid(raw, image, (), image_src.nodata):
             return None
         if image.dtype.name not in TORCH_PIXEL_TYPES:
             image = image.astype(np.float32)

@@ -72,6 +72,13 @@ def test_chip_rule():
     assert not chip_is_valid(label, image, (0,))
     image[0, 3, 3] = 5  # one band non-zero: valid
     assert chip_is_valid(label, image, (0,))
+    # an image that declares a no-data value: pixels with every band at it are no data too
+    image[:, 0, 0] = 255
+    assert chip_is_valid(label, image, (0,)) and not chip_is_valid(label, image, (0,), 255.0)
+    image[2, 0, 0] = 7
+    assert chip_is_valid(label, image, (0,), 255.0)
+    image[:, 1, 1] = np.nan
+    assert chip_is_valid(label, image, (0,), 255.0) and not chip_is_valid(label, image, (0,), float("nan"))
 
 
 def test_batches_shapes_types_and_positions(tiles):
@@ -149,6 +156,20 @@ def test_small_and_empty_tiles_are_reported_not_fatal(tmp_path):
     assert "smaller than a 32 chip" in notices[0] and small.image in notices[0]
     assert "no valid chip" in notices[1]
     assert {c[0] for c in chips_of(items)} == {2}
+
+
+def test_chips_skip_the_image_s_declared_nodata(tmp_path):
+    """Chips that hold a pixel at the image's declared no-data value in every band are skipped, as all-zero
+    ones are (the pixels test.py writes as nodata); the same image without the declaration trains."""
+    image = np.random.default_rng(0).integers(1, 250, (4, 64, 64), dtype=np.uint8)
+    image[:, :, 30:34] = 255  # a fill column that every 32-chip of a 64-wide tile touches
+    label = np.full((64, 64), 41, dtype=np.uint8)
+    declared = make_tile(str(tmp_path), "declared", image=image, label=label)
+    write_geotiff(declared.image, image, nodata=255)
+    undeclared = make_tile(str(tmp_path), "undeclared", image=image, label=label)
+    items = list(stream([declared, undeclared], chips_per_tile=8))
+    assert {c[0] for c in chips_of(items)} == {1}
+    assert "no valid chip" in {i.tile: i.message for i in items if isinstance(i, TileNotice)}[0]
 
 
 def test_one_chip_remainder_is_dropped(tmp_path):
