@@ -69,9 +69,18 @@ def read_strips(src: rasterio.DatasetReader, strip_rows: int = STRIP_ROWS) -> It
 
 
 def no_image(data: np.ndarray, value: float) -> np.ndarray:
-    """``(h, w)`` bool: the pixels of ``data`` ``(bands, h, w)`` whose every band holds ``value`` (NaN matches NaN),
-    which have no image when ``value`` is the raster's no-data value."""
+    """``(h, w)`` bool: the pixels of ``data`` ``(bands, h, w)`` (or ``(bands, n)``) whose every band holds
+    ``value`` (NaN matches NaN), which have no image when ``value`` is the raster's no-data value."""
     return np.isnan(data).all(axis=0) if np.isnan(value) else (data == value).all(axis=0)
+
+
+def blank_pixels(data: np.ndarray, declared: float | None) -> np.ndarray:
+    """The pixels that training and the band statistics leave out: every band 0 (the published rule) or, in an
+    image that declares a no-data value, every band at it (see :func:`no_image`)."""
+    blank = no_image(data, 0)
+    if declared is not None and declared != 0:
+        blank |= no_image(data, declared)
+    return blank
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

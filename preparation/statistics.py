@@ -17,7 +17,7 @@ from rasterio.windows import Window
 from dataset import DatasetDefinition, load_dataset
 from dataset.errors import InputError
 from dataset.files import atomic_output
-from dataset.raster_io import check_bands, open_raster, read_window
+from dataset.raster_io import blank_pixels, check_bands, open_raster, read_window
 
 
 @dataclass
@@ -86,10 +86,7 @@ def band_statistics(images: Sequence[str], *, windows: int = 16, size: int = 256
             moments = moments or RunningMoments(bands)
             for win in sample_windows(src.width, src.height, size, windows, rng):
                 data = read_window(src, win).reshape(bands, -1)
-                valid = np.any(data != 0, axis=0)
-                if src.nodata is not None:
-                    valid &= np.any(data != src.nodata, axis=0)
-                moments.add(data[:, valid])
+                moments.add(data[:, ~blank_pixels(data, src.nodata)])
     if moments is None or moments.count == 0:
         raise InputError("no valid (non-zero) pixel in the sampled windows")
     return moments

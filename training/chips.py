@@ -36,7 +36,7 @@ from rasterio.windows import Window
 
 from dataset import DatasetDefinition, TileEntry
 from dataset.errors import InputError
-from dataset.raster_io import STRIP_ROWS, check_same_grid, no_image, open_raster, read_strips, read_window
+from dataset.raster_io import STRIP_ROWS, blank_pixels, check_same_grid, open_raster, read_strips, read_window
 from training.sampling import centre_on_points, chip_positions, epoch_order, focus_rng, shard, tile_rng
 
 TORCH_PIXEL_TYPES = ("uint8", "int8", "int16", "int32", "int64", "float32", "float64")
@@ -80,10 +80,7 @@ def chip_is_valid(raw_label: np.ndarray, image: np.ndarray | None, nodata: Seque
     """
     if len(nodata) and np.isin(raw_label, nodata).any():
         return False
-    if image is None:
-        return True
-    values = [0] if image_nodata is None or image_nodata == 0 else [0, image_nodata]
-    return not any(no_image(image, value).any() for value in values)
+    return image is None or not blank_pixels(image, image_nodata).any()
 
 
 class ChipStream(torch.utils.data.IterableDataset):

@@ -14,7 +14,7 @@ from rasterio.transform import from_origin
 from dataset import load_dataset, read_list
 from dataset.errors import InputError, run_cli
 from preparation.lists import random_split, spatial_split, tile_bounds
-from preparation.statistics import RunningMoments
+from preparation.statistics import RunningMoments, band_statistics
 from tests.helpers import GEOREF_DIR, write_geotiff
 from tools.prepare_data import main
 
@@ -195,6 +195,22 @@ def test_stats_writes_mean_and_std_of_valid_pixels_into_a_definition(tmp_path, c
     assert cli(capsys, "stats", "--list_dir", csv_path, "--out", str(out), "--windows", "2", "--size", "32")[0] == 0
     data = json.loads(out.read_text())
     assert data["extends"] == "OpenEarthMap_GlobeLand30" and len(data["mean"]) == 3
+
+
+def test_stats_leave_out_pixels_at_the_declared_nodata_in_every_band(tmp_path):
+    """As training does: all-zero pixels, and pixels at the image's declared nodata value (NaN too) in every band."""
+    rng = np.random.default_rng(0)
+    for fill in (255.0, np.nan):
+        image = rng.uniform(10, 200, (3, 40, 40)).astype(np.float32)
+        image[:, :10] = fill
+        image[:, 10:12] = 0
+        image[1, 12:14] = fill  # one band only: valid
+        path = write_geotiff(str(tmp_path / f"tile_{fill}.tif"), image, nodata=fill)
+        moments = band_statistics([path], windows=1, size=40)
+        valid = image[:, 12:].reshape(3, -1)
+        assert moments.count == valid.shape[1]
+        if fill == 255.0:
+            assert np.allclose(moments.mean, valid.mean(axis=1), rtol=1e-4)
 
 
 def test_stats_rejects_a_band_mismatch_before_writing(tmp_path, capsys):
