@@ -67,14 +67,14 @@ class NodataRows:
         """The no-data pixels of rows ``[row, row + rows)`` (None if none), forgetting the rows above them."""
         end = row + rows
         with self._lock:
-            parts = [(first, missing) for first, last, missing in self._noted
+            parts = [(first, last, missing) for first, last, missing in self._noted
                      if missing is not None and first < end and last > row]
             self._noted = [noted for noted in self._noted if noted[1] > end]
         if not parts:
             return None
-        blank = np.zeros((rows, parts[0][1].shape[1]), dtype=bool)
-        for first, missing in parts:
-            top, bottom = max(first, row), min(first + missing.shape[0], end)
+        blank = np.zeros((rows, parts[0][2].shape[1]), dtype=bool)
+        for first, last, missing in parts:
+            top, bottom = max(first, row), min(last, end)
             blank[top - row:bottom - row] = missing[top - first:bottom - first]
         return blank
 
